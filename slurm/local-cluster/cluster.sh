@@ -145,6 +145,10 @@ start_mariadb() {
     (setsid mysqld_safe --user=mysql >"$STATE/log/mariadb.log" 2>&1 &)
     wait_for 60 mariadb mysqladmin ping
   fi
+  # A new state dir restarts job ids at 1: drop the old accounting records so sacct never mixes them up.
+  if [ ! -e "$STATE/ctld/.initialised" ]; then
+    mysql -uroot -e "DROP DATABASE IF EXISTS $DB_NAME"
+  fi
   mysql -uroot <<EOF
 CREATE DATABASE IF NOT EXISTS $DB_NAME;
 CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY 'asbatch-local-only';
@@ -168,6 +172,7 @@ start_daemons() {
     log "starting slurmctld"
     slurmctld -f "$CONF"
     wait_for 30 slurmctld scontrol ping
+    touch "$STATE/ctld/.initialised"
   fi
   local node
   for node in "${NODES[@]}"; do
