@@ -1,0 +1,60 @@
+"""One mean-field Gaussian weight: w = mu + sigma * eps, sigma = exp(log_sigma)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+NoiseMode = Literal["sample", "fixed", "mean"]
+NOISE_MODES: tuple[str, ...] = ("sample", "fixed", "mean")
+
+
+class GaussianWeight(nn.Module):
+    """Parametrization mapping the stored mean mu to a weight sample mu + exp(log_sigma) * eps.
+
+    sigma = exp(log_sigma), as in the reference code (AISIGSJTU/AS, after adv-bnn): unconstrained, and an
+    init of log(0.15) equals the prior scale, so the KL starts from the mean term only. Noise modes:
+      - "sample": fresh eps ~ N(0, 1) on every access (plain BNN training),
+      - "fixed":  the tensor in `self.eps` (set it; it may require grad, which AS uses),
+      - "mean":   eps = 0, the weight is mu.
+    eps is a plain attribute, not a buffer: it never enters state_dict and DDP never broadcasts it.
+    """
+
+    def __init__(self, mu: torch.Tensor, init_sigma: float = 0.15, prior_sigma: float = 0.15):
+        super().__init__()
+        if init_sigma <= 0 or prior_sigma <= 0:
+            raise ValueError(f"init_sigma and prior_sigma must be > 0, got {init_sigma}, {prior_sigma}")
+        self.log_sigma = nn.Parameter(torch.full_like(mu, math.log(init_sigma), dtype=torch.float32))
+        self.prior_sigma = float(prior_sigma)
+        self.mode: NoiseMode = "sample"
+        self.eps: torch.Tensor | None = None
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def forward(self, mu: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            return mu
+        if self.mode == "sample":
+            eps = torch.randn_like(mu)
+        else:
+            if self.eps is None:
+                raise RuntimeError("noise mode is 'fixed' but no eps was set (use asbatch.bayes.set_noise)")
+            eps = self.eps
+        return mu + self.sigma * eps
+
+    def kl(self, mu: torch.Tensor) -> torch.Tensor:
+        """KL(N(mu, sigma^2) || N(0, sigma_0^2)) summed over elements:
+        log(sigma_0 / sigma) + (sigma^2 + mu^2) / (2 sigma_0^2) - 1/2."""
+        var0 = self.prior_sigma**2
+        per_element = (
+            math.log(self.prior_sigma) - self.log_sigma + (self.sigma**2 + mu.float() ** 2) / (2 * var0) - 0.5
+        )
+        return per_element.sum()
+
+    def extra_repr(self) -> str:
+        return f"prior_sigma={self.prior_sigma}, mode={self.mode}"
