@@ -1,0 +1,127 @@
+"""Adversarial Sampling (Zhang et al., AAAI 2022, eq. 3-6): perturb the noise eps by sign-gradient ascent.
+
+    eps_0 ~ N(0, 1);   eps_{k+1} = eps_k + alpha * sign(d L(eps_k) / d eps)   for k < N
+    total = (1 - lambda) * L_pred(eps_0) + lambda * L_adv(eps_N) + kl_weight * KL(q || p)
+
+Since w = mu + sigma * eps and sigma > 0, sign(dL/deps) = sign(dL/dw): a step of alpha on eps is the paper's
+step of alpha * sigma on w (eq. 5), and ||eps_N - eps_0||_inf <= N * alpha (eq. 6).
+
+Differences from the reference code (AISIGSJTU/AS), on purpose:
+  - each step uses the CURRENT gradient; the reference lets eps.grad accumulate across steps (buffers never
+    zeroed), so its later steps follow the sum of past gradients;
+  - inner passes take gradients w.r.t. eps only (`torch.autograd.grad`): no parameter .grad is touched;
+  - inner passes leave BatchNorm running statistics alone (they still normalise with batch statistics);
+  - inner passes run on the unwrapped module, so DDP does not all-reduce them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asbatch.bayes import frozen_bn_stats, kl_divergence, sample_noise, set_noise
+
+
+def adversarial_noise(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps0: Sequence[torch.Tensor],
+    steps: int,
+    alpha: float,
+    loss_scale: float = 1.0,
+) -> list[torch.Tensor]:
+    """Return eps_N after `steps` sign-gradient ascent steps of size `alpha` from `eps0` (eq. 5, on eps).
+
+    Runs under whatever autocast context the caller is in. `loss_scale` multiplies the inner loss before
+    differentiation: under fp16 small gradients underflow to 0 and sign(0) = 0 would freeze eps, while the
+    sign ignores any positive scale. Non-finite gradient entries (fp16 overflow) leave their eps unmoved
+    (nan -> 0); +-inf keeps its sign, which is the right direction. Model left holding eps_N (mode "fixed").
+    """
+    if steps < 0 or alpha < 0:
+        raise ValueError(f"steps and alpha must be >= 0, got steps={steps}, alpha={alpha}")
+    eps = [e.detach() for e in eps0]
+    with frozen_bn_stats(model):
+        for _ in range(steps):
+            leaves = [e.clone().requires_grad_(True) for e in eps]
+            set_noise(model, leaves)
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss * loss_scale, leaves)
+            eps = [(e + alpha * g.nan_to_num(nan=0.0).sign()).detach() for e, g in zip(leaves, grads)]
+    set_noise(model, eps)
+    return eps
+
+
+@dataclass
+class StepLosses:
+    """What one training step computed (detached). pred / adv are None where lambda skips them."""
+
+    total: torch.Tensor
+    pred: torch.Tensor | None
+    adv: torch.Tensor | None
+    kl: torch.Tensor
+    logits: torch.Tensor  # of the last pass, for training accuracy
+
+
+def as_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lam: float,
+    steps: int,
+    alpha: float,
+    kl_weight: float,
+    inner_model: nn.Module | None = None,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loss_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> StepLosses:
+    """Forward + backward of one AS training step; leaves the mixed-loss gradient in the parameters' .grad.
+
+    `model` is what trains (possibly DDP-wrapped); `inner_model` is the same net unwrapped (default: `model`)
+    for the inner passes. The two outer passes are back-propagated one after the other (same gradient as the
+    sum, one graph in memory at a time): the first inside `no_sync()` so DDP all-reduces once, at the second.
+    Pass `backward=accelerator.backward` and `no_sync=lambda: accelerator.no_sync(model)` under Accelerate.
+
+    lambda = 0 is exactly a plain Bayes-by-backprop step: one forward, no inner passes. lambda = 1 skips L_pred.
+    The optimizer step and zero_grad are the caller's.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    inner = inner_model if inner_model is not None else model
+    eps0 = sample_noise(inner, generator)
+    eps_adv = adversarial_noise(inner, x, y, eps0, steps, alpha, loss_scale) if lam > 0 else None
+
+    passes: list[tuple[str, float, list[torch.Tensor]]] = []
+    if lam < 1:
+        passes.append(("pred", 1.0 - lam, eps0))
+    if lam > 0:
+        passes.append(("adv", lam, eps_adv))
+    losses: dict[str, torch.Tensor] = {}
+    for i, (name, weight, eps) in enumerate(passes):
+        last = i == len(passes) - 1
+        set_noise(inner, eps)
+        with contextlib.nullcontext() if last else no_sync():
+            logits = model(x)
+            losses[name] = F.cross_entropy(logits, y)
+            loss = weight * losses[name]
+            if last:
+                kl = kl_divergence(inner)
+                loss = loss + kl_weight * kl
+            backward(loss)
+    pred, adv = losses.get("pred"), losses.get("adv")
+    total = sum(w * losses[n] for n, w, _ in passes) + kl_weight * kl
+    return StepLosses(
+        total=total.detach(),
+        pred=None if pred is None else pred.detach(),
+        adv=None if adv is None else adv.detach(),
+        kl=kl.detach(),
+        logits=logits.detach(),
+    )
