@@ -1,0 +1,427 @@
+"""Evaluate (Bayesian) classifiers: Monte-Carlo prediction over weight samples, and uncertainty metrics.
+
+`predict` runs S weight samples over a whole test set; each sample is drawn once from a seeded generator
+and held fixed for every batch, so "sample accuracy" is the accuracy of one concrete network. Only
+per-example summaries are kept (mean softmax, mean entropy), never S x N x C unless asked for.
+`evaluate` turns those summaries into a JSON-ready dict.
+
+Conventions used throughout:
+  - probabilities are N x C tensors of softmax outputs, labels are N integer class indices;
+  - accuracies and error rates are fractions in [0, 1], not percentages;
+  - an uncertainty score is "lower = more certain" (and, for OOD detection, "higher = more OOD");
+  - entropies use the natural log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from asbatch.bayes import bayesian_weights, is_bayesian, sample_noise
+
+SCORES: tuple[str, ...] = ("entropy", "mutual_information", "max_prob")
+DEFAULT_FRACTIONS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+_SEED_STRIDE = 1_000_003  # prime stride: (seed, s) pairs map to distinct generator seeds for s < stride
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-example entropy H(p) = -sum_c p_c log p_c over the last dim (natural log, 0 * log 0 = 0).
+
+    `probs` is (..., C); returns (...) in float32 (or float64 if given float64).
+    """
+    p = probs if probs.dtype == torch.float64 else probs.float()
+    return -torch.special.xlogy(p, p).sum(dim=-1)  # xlogy(0, 0) = 0
+
+
+class Uncertainty(NamedTuple):
+    """Per-example decomposition of predictive uncertainty (each an N tensor, nats)."""
+
+    total: torch.Tensor  # H(E_w[p(y|x,w)]): entropy of the mean prediction
+    aleatoric: torch.Tensor  # E_w[H(p(y|x,w))]: mean of the per-sample entropies
+    epistemic: torch.Tensor  # total - aleatoric = mutual information I(y; w | x)
+
+
+def predictive_uncertainty(mean_probs: torch.Tensor, mean_entropy: torch.Tensor) -> Uncertainty:
+    """Split the predictive entropy into aleatoric and epistemic parts.
+
+    total = H(mean_probs); aleatoric = mean_entropy (the average over weight samples of each sample's
+    entropy); epistemic = total - aleatoric, the mutual information between label and weights. The mutual
+    information is >= 0 by Jensen's inequality, so float rounding below 0 is clamped to 0.
+    """
+    total = entropy(mean_probs)
+    aleatoric = mean_entropy.to(total.dtype)
+    return Uncertainty(total, aleatoric, (total - aleatoric).clamp_min(0.0))
+
+
+def _predicted_class(probs_or_pred: torch.Tensor) -> torch.Tensor:
+    """Argmax over classes for an N x C tensor; an N tensor is taken as the predictions themselves."""
+    if probs_or_pred.dim() == 2:
+        return probs_or_pred.argmax(dim=-1)
+    if probs_or_pred.dim() == 1:
+        return probs_or_pred
+    raise ValueError(f"expected N x C probabilities or N predictions, got shape {tuple(probs_or_pred.shape)}")
+
+
+def accuracy(probs_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction in [0, 1] of examples whose predicted class (argmax of N x C scores, or the given N class
+    indices) equals the label."""
+    pred = _predicted_class(probs_or_pred)
+    if pred.shape != labels.shape or labels.numel() == 0:
+        raise ValueError(f"need matching non-empty predictions and labels, got {tuple(pred.shape)}, "
+                         f"{tuple(labels.shape)}")
+    # exact count / N in float64, so it agrees with per-sample accuracies computed from counts
+    return int((pred == labels.to(pred.device)).sum()) / labels.numel()
+
+
+def certainty_score(kind: str, mean_probs: torch.Tensor, mean_entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example uncertainty score, LOWER = MORE CERTAIN (higher = more likely OOD).
+
+    - "entropy": total predictive entropy H(mean_probs);
+    - "mutual_information": H(mean_probs) - mean_entropy (epistemic part; needs `mean_entropy`);
+    - "max_prob": -max_c mean_probs (negated so that the ordering convention holds).
+    """
+    if kind == "entropy":
+        return entropy(mean_probs)
+    if kind == "mutual_information":
+        if mean_entropy is None:
+            raise ValueError("score 'mutual_information' needs mean_entropy")
+        return predictive_uncertainty(mean_probs, mean_entropy).epistemic
+    if kind == "max_prob":
+        return -mean_probs.float().amax(dim=-1)
+    raise ValueError(f"score must be one of {SCORES}, got {kind!r}")
+
+
+def _most_certain_first(score: torch.Tensor) -> torch.Tensor:
+    """Indices ordering examples by ascending score; ties keep index order (stable sort)."""
+    return torch.sort(score, stable=True).indices
+
+
+def retained_accuracy(
+    correct: torch.Tensor, score: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> dict[float, float]:
+    """Accuracy on the most certain fraction X of examples, for each X in `fractions`.
+
+    Examples are sorted by `score` ascending (lower = more certain; pass e.g. -max_prob, or use
+    `certainty_score`), ties broken by index. The k = max(1, floor(X * N + 1/2)) first examples (X * N
+    rounded half up) are kept and their fraction correct is returned as {X: accuracy}.
+    """
+    correct, n = _check_pair(correct, score)
+    kept_correct = correct[_most_certain_first(score.to(correct.device))].float()
+    # cumulative accuracy at every k, so each fraction is a lookup
+    running = kept_correct.cumsum(0) / torch.arange(1, n + 1, device=correct.device)
+    result = {}
+    for x in fractions:
+        if not 0.0 < x <= 1.0:
+            raise ValueError(f"fractions must lie in (0, 1], got {x}")
+        k = max(1, min(n, math.floor(x * n + 0.5)))
+        result[x] = running[k - 1].item()
+    return result
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE = sum_b (n_b / N) * |acc_b - conf_b| over equal-width confidence bins.
+
+    Confidence is max_c p_c, the prediction its argmax. Bin b covers (b / n_bins, (b + 1) / n_bins], the
+    first bin also includes 0; acc_b and conf_b are the mean correctness and confidence of its n_b examples
+    (empty bins contribute 0).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf, pred = probs.double().max(dim=-1)
+    correct, n = _check_pair(pred == labels.to(pred.device), conf)
+    inner_edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)[1:-1]
+    # right=False: index i satisfies edge[i-1] < conf <= edge[i], i.e. (lo, hi] bins, 0 falls in bin 0
+    bin_index = torch.bucketize(conf, inner_edges, right=False)
+    count = torch.bincount(bin_index, minlength=n_bins).double()
+    conf_sum = torch.bincount(bin_index, weights=conf, minlength=n_bins)
+    correct_sum = torch.bincount(bin_index, weights=correct.double(), minlength=n_bins)
+    # |acc_b - conf_b| * n_b / N == |correct_sum_b - conf_sum_b| / N, which is 0 for empty bins
+    return ((correct_sum - conf_sum).abs().sum() / n).item()
+
+
+def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor, min_prob: float = 1e-12) -> float:
+    """Mean over examples of -log p_{label}, with p clamped below at `min_prob` so a zero gives a finite
+    (large) value."""
+    p_label = _label_probs(probs, labels)
+    return -p_label.clamp_min(min_prob).log().mean().item()
+
+
+def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over examples of sum_c (p_c - onehot(label)_c)^2 (ranges from 0 to 2)."""
+    _label_probs(probs, labels)  # shape checks
+    p = probs.double()
+    onehot = torch.nn.functional.one_hot(labels.to(p.device).long(), p.shape[-1]).double()
+    return (p - onehot).pow(2).sum(dim=-1).mean().item()
+
+
+def aurc(correct: torch.Tensor, score: torch.Tensor) -> float:
+    """Area under the risk-coverage curve.
+
+    Sort by `score` ascending (most certain first, ties by index); the risk at coverage k / N is the error
+    rate among the first k examples; AURC = (1 / N) * sum_{k=1..N} risk_k. Lower is better.
+    """
+    correct, n = _check_pair(correct, score)
+    errors = (~correct[_most_certain_first(score.to(correct.device))]).double()
+    risk = errors.cumsum(0) / torch.arange(1, n + 1, device=errors.device, dtype=torch.float64)
+    return risk.mean().item()
+
+
+def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
+    """AUROC for telling OOD (positive) from in-distribution examples by an uncertainty score
+    (higher = more OOD).
+
+    Equals the Mann-Whitney U statistic P(s_out > s_in) + 0.5 * P(s_out = s_in) over all (in, out) pairs,
+    computed from average ranks of the pooled scores: (R_out - n_out (n_out + 1) / 2) / (n_in n_out).
+    """
+    s_in, s_out = score_in.double().flatten(), score_out.double().flatten()
+    n_in, n_out = s_in.numel(), s_out.numel()
+    if n_in == 0 or n_out == 0:
+        raise ValueError("ood_auroc needs at least one in-distribution and one OOD score")
+    ranks = _average_ranks(torch.cat([s_in, s_out.to(s_in.device)]))
+    rank_sum_out = ranks[n_in:].sum()
+    return ((rank_sum_out - n_out * (n_out + 1) / 2) / (n_in * n_out)).item()
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of `values` (ascending), tied values sharing the mean of the ranks they span."""
+    _, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    last_rank = counts.cumsum(0).double()  # a tie group spans ranks last - count + 1 .. last
+    group_rank = last_rank - (counts.double() - 1) / 2
+    return group_rank[inverse]
+
+
+def _check_pair(correct: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Validate N correctness flags against N scores; returns (bool flags, N)."""
+    if correct.dim() != 1 or correct.shape != score.shape or correct.numel() == 0:
+        raise ValueError(f"need matching non-empty 1-d tensors, got {tuple(correct.shape)}, {tuple(score.shape)}")
+    return correct.bool(), correct.numel()
+
+
+def _label_probs(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """p_{label} per example, in float64."""
+    if probs.dim() != 2 or labels.shape != probs.shape[:1] or labels.numel() == 0:
+        raise ValueError(f"need N x C probs and N labels, got {tuple(probs.shape)}, {tuple(labels.shape)}")
+    return probs.double().gather(1, labels.to(probs.device).long().unsqueeze(1)).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+
+@dataclass
+class Predictions:
+    """Per-example summaries of S weight samples on N examples (all on CPU).
+
+    mean_probs:     N x C, mean over samples of the softmax (float32).
+    mean_entropy:   N, mean over samples of each sample's predictive entropy (the aleatoric term).
+    labels:         N, the true labels.
+    sample_correct: S, number of examples classified correctly by each weight sample (int64).
+    num_examples:   N.
+    sample_probs:   S x N x C per-sample softmax, only with predict(..., keep_samples=True), else None.
+    """
+
+    mean_probs: torch.Tensor
+    mean_entropy: torch.Tensor
+    labels: torch.Tensor
+    sample_correct: torch.Tensor
+    num_examples: int
+    sample_probs: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sample_correct.numel())
+
+    @property
+    def sample_accuracies(self) -> list[float]:
+        """Accuracy (fraction in [0, 1]) of each weight sample."""
+        return (self.sample_correct.double() / self.num_examples).tolist()
+
+    def score(self, kind: str) -> torch.Tensor:
+        """`certainty_score(kind, ...)` for these predictions (lower = more certain)."""
+        return certainty_score(kind, self.mean_probs, self.mean_entropy)
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """Seed of the generator that draws weight sample `sample` for run seed `seed`."""
+    return seed * _SEED_STRIDE + sample
+
+
+@contextlib.contextmanager
+def _eval_state(model: nn.Module) -> Iterator[None]:
+    """model.eval() for the duration; afterwards restore the training flags and every Bayesian weight's
+    noise mode and held eps (evaluation must not disturb a training loop that holds noise)."""
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    noise = [(g, g.mode, g.eps) for _, _, g in bayesian_weights(model)]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, training):
+            m.training = flag
+        for g, mode, eps in noise:
+            g.mode, g.eps = mode, eps
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+class _Accumulator:
+    """Running per-example sums over weight samples (one sample's N x C probabilities at a time)."""
+
+    def __init__(self) -> None:
+        self.prob_sum: torch.Tensor | None = None
+        self.entropy_sum: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.correct: list[int] = []
+
+    def add_sample(self, batch_probs: list[torch.Tensor], batch_labels: list[torch.Tensor]) -> torch.Tensor:
+        """Add one weight sample's per-batch probabilities; returns its N x C probabilities."""
+        if not batch_probs:
+            raise ValueError("batches yielded no data (an exhausted iterator cannot be re-iterated; pass a list "
+                             "or a DataLoader)")
+        probs, labels = torch.cat(batch_probs), torch.cat(batch_labels)
+        if self.labels is None:
+            self.prob_sum, self.entropy_sum = torch.zeros_like(probs), torch.zeros_like(probs[:, 0])
+            self.labels = labels
+        elif not torch.equal(labels, self.labels):
+            # every sample must see the same examples in the same order, or the per-example sums are garbage
+            raise ValueError("batches differ between passes (shuffled or exhausted?); use a fixed, re-iterable "
+                             "order for evaluation")
+        self.prob_sum += probs
+        self.entropy_sum += entropy(probs)
+        self.correct.append(int((probs.argmax(dim=-1) == labels).sum()))
+        return probs
+
+
+def _forward_probs(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[list, list]:
+    """Softmax (float32) and labels of every batch for the model's current weights."""
+    probs, labels = [], []
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        logits = model(x.to(device))
+        # softmax in float32 even under half / bfloat16 logits, so tiny probabilities do not flush to 0
+        probs.append(logits.float().softmax(dim=-1))
+        labels.append(y.to(device).long())
+    return probs, labels
+
+
+def predict(
+    model: nn.Module,
+    batches: Iterable,
+    num_samples: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    keep_samples: bool = False,
+) -> Predictions:
+    """Monte-Carlo prediction with `num_samples` weight samples, each fixed over the whole data set.
+
+    `batches` is a re-iterable of (x, y) batches in a fixed order (a list, or a non-shuffling DataLoader);
+    it is traversed once per weight sample. Sample s draws eps from a CPU generator seeded with
+    `sample_seed(seed, s)` = seed * 1_000_003 + s (so results do not depend on the device), and runs under
+    no_grad and `parametrize.cached()`, so every weight is computed once per sample. A deterministic
+    (non-Bayesian) model is run once: S = 1. The model runs in eval mode; its training flags and noise
+    state are restored afterwards. `device` defaults to the model's device. Memory is O(N x C) whatever
+    S is; `keep_samples=True` also returns the S x N x C per-sample probabilities.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    bayesian = is_bayesian(model)
+    num_samples = num_samples if bayesian else 1
+    acc = _Accumulator()
+    kept: list[torch.Tensor] = []
+    with _eval_state(model), torch.no_grad():
+        for s in range(num_samples):
+            if bayesian:
+                sample_noise(model, torch.Generator().manual_seed(sample_seed(seed, s)))
+            with parametrize.cached():
+                probs = acc.add_sample(*_forward_probs(model, batches, device))
+            if keep_samples:
+                kept.append(probs.cpu())
+    return Predictions(
+        mean_probs=(acc.prob_sum / num_samples).cpu(),
+        mean_entropy=(acc.entropy_sum / num_samples).cpu(),
+        labels=acc.labels.cpu(),
+        sample_correct=torch.tensor(acc.correct, dtype=torch.int64),
+        num_examples=int(acc.labels.numel()),
+        sample_probs=torch.stack(kept) if keep_samples else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def summarize(
+    pred: Predictions,
+    score: str = "entropy",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    ood: Predictions | None = None,
+) -> dict:
+    """The metrics dict of `evaluate` for given predictions (and optional OOD predictions)."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    sample_acc = pred.sample_accuracies
+    unc = predictive_uncertainty(pred.mean_probs, pred.mean_entropy)
+    correct = pred.mean_probs.argmax(dim=-1) == pred.labels
+    in_score = pred.score(score)
+    result = {
+        "num_samples": pred.num_samples,
+        "num_examples": pred.num_examples,
+        "sample_accuracies": sample_acc,
+        "lowest_accuracy": min(sample_acc),
+        "highest_accuracy": max(sample_acc),
+        "mean_accuracy": sum(sample_acc) / len(sample_acc),
+        "ensemble_accuracy": accuracy(pred.mean_probs, pred.labels),
+        "total_uncertainty": unc.total.mean().item(),
+        "aleatoric_uncertainty": unc.aleatoric.mean().item(),
+        "epistemic_uncertainty": unc.epistemic.mean().item(),
+        "score": score,
+        "retained_accuracy": {str(float(x)): a for x, a in retained_accuracy(correct, in_score, fractions).items()},
+        "ece": expected_calibration_error(pred.mean_probs, pred.labels),
+        "nll": negative_log_likelihood(pred.mean_probs, pred.labels),
+        "brier": brier_score(pred.mean_probs, pred.labels),
+        "aurc": aurc(correct, in_score),
+    }
+    if ood is not None:
+        result["ood_auroc"] = ood_auroc(in_score, ood.score(score))
+    return result
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    num_samples: int,
+    seed: int = 0,
+    ood_batches: Iterable | None = None,
+    score: str = "entropy",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Predict with `num_samples` weight samples and return JSON-serialisable metrics (floats, lists).
+
+    Keys: num_samples, num_examples, sample_accuracies (one per weight sample), lowest_accuracy,
+    highest_accuracy, mean_accuracy (over samples), ensemble_accuracy (argmax of the mean softmax);
+    total_uncertainty, aleatoric_uncertainty, epistemic_uncertainty (means over examples, nats);
+    score (its name), retained_accuracy ({"0.2": acc, ...}: ensemble accuracy on the most certain fraction
+    by that score); ece, nll, brier, aurc of the ensemble prediction; and ood_auroc (only with
+    `ood_batches`, predicted with the same seed, OOD = positive, score higher = more OOD). Every accuracy
+    is a fraction in [0, 1].
+    """
+    if score not in SCORES:  # fail before the expensive prediction
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    pred = predict(model, batches, num_samples, seed=seed, device=device)
+    ood = predict(model, ood_batches, num_samples, seed=seed, device=device) if ood_batches is not None else None
+    return summarize(pred, score=score, fractions=fractions, ood=ood)
