@@ -33,7 +33,7 @@ def test_resnet_option_a_shortcut_has_no_parameters():
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("classes, channels, size", [(100, 3, 32), (10, 1, 8)])
 def test_every_model_runs_for_any_classes_and_input_size(name, classes, channels, size):
-    model = build_model(name, classes, in_channels=channels, width=4 if name.startswith("vgg") else 16)
+    model = build_model(name, classes, in_channels=channels, width={"vgg": 4, "mlp": 32}.get(name[:3], 16))
     assert model(torch.randn(2, channels, size, size)).shape == (2, classes)
 
 

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from torch import nn
 
 from asbatch.bayes import make_bayesian
+from asbatch.models.mlp import mlp
 from asbatch.models.resnet import cifar_resnet
 from asbatch.models.vgg import VGG_CONFIGS, vgg
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
     **{f"resnet{depth}": (lambda d: lambda **kw: cifar_resnet(d, **kw))(depth) for depth in (20, 32, 44, 56, 110)},
     **{name: (lambda n: lambda **kw: vgg(n, **kw))(name) for name in VGG_CONFIGS},
 }
@@ -27,8 +29,8 @@ def build_model(
 ) -> nn.Module:
     """Build a model by name; `bayesian=True` makes every conv / linear / BN affine weight Gaussian.
 
-    `width` scales the channel counts (ResNet: first stage width, default 16; VGG: first block, default 64),
-    for small CPU demos. Any input size works: the heads pool adaptively.
+    `width` scales the channel counts (ResNet: first stage width, default 16; VGG: first block, default 64;
+    MLP: hidden units, default 128), for small CPU demos. Any input size works: the heads pool adaptively.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -41,4 +43,4 @@ def build_model(
     return model
 
 
-__all__ = ["MODELS", "build_model", "cifar_resnet", "vgg"]
+__all__ = ["MODELS", "build_model", "cifar_resnet", "mlp", "vgg"]
