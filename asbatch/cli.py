@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import click
 
 from asbatch import __version__
@@ -9,7 +13,6 @@ from asbatch import __version__
 # Commands whose issue has not landed yet. They say so and exit 2 rather than pretend to work.
 PLANNED = {
     "submit": "expand a job spec into Slurm job arrays and submit them",
-    "run": "run one config or spec in this process (CPU or GPUs)",
     "status": "show the state of a sweep's runs",
     "logs": "print a run's logs",
     "cancel": "cancel a sweep's queued and running jobs",
@@ -43,3 +46,52 @@ def _planned(name: str, summary: str) -> click.Command:
 
 for _name, _summary in PLANNED.items():
     main.add_command(_planned(_name, _summary))
+
+
+def runs_root_option(f):
+    return click.option("--runs-root", type=click.Path(file_okay=False, path_type=Path),
+                        default=lambda: os.environ.get("ASBATCH_RUNS", "runs"),
+                        show_default="$ASBATCH_RUNS or ./runs", help="where run dirs live")(f)
+
+
+def load_plan_or_exit(path: Path):
+    """Expand a spec (or a one-run config); bad input: one message naming the field, exit code 2."""
+    from asbatch.spec import SpecError, load_plan
+
+    try:
+        return load_plan(path)
+    except SpecError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+@main.command("run")
+@click.argument("spec_path", metavar="CONFIG_OR_SPEC", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@runs_root_option
+@click.option("--stage", "stages", multiple=True, help="only these stages (default: all, in order)")
+def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> None:
+    """Run every run of a spec (or one run's config) in this process, stage by stage.
+
+    Finished runs are skipped, interrupted ones resume. Under torchrun / srun every process runs this
+    command and the runs train with DDP.
+    """
+    from rich.console import Console
+
+    from asbatch.results import run_table
+    from asbatch.train import train
+
+    sweep = load_plan_or_exit(spec_path)
+    unknown = set(stages) - {s.name for s in sweep.stages}
+    if unknown:
+        click.echo(f"error: --stage {sorted(unknown)[0]!r} is not a stage of {spec_path} "
+                   f"({', '.join(s.name for s in sweep.stages)})", err=True)
+        sys.exit(2)
+    results = []
+    for stage in sweep.stages:
+        if stages and stage.name not in stages:
+            continue
+        for run in stage.runs:
+            results.append(train(run.config, runs_root / sweep.name / run.run_id, progress_bar=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Console(width=max(Console().width, 130)).print(run_table([r for r in results if r["config"]["model"]["bayesian"]],
+                                  title=f"{sweep.name}: Bayesian runs (accuracy in %)"))

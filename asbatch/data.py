@@ -301,6 +301,7 @@ class DeviceLoader:
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
         self.num_examples = len(dataset)
+        self.num_classes, self.image_shape = dataset.num_classes, dataset.image_shape
         self.batch_size = batch_size
         self.local_batch_size = batch_size // world_size
         self.train, self.augment = train, augment and train  # evaluation never augments

@@ -1,0 +1,106 @@
+"""Atomic, multi-rank checkpoints in `<run_dir>/checkpoints/step-<global step>/`.
+
+Layout of one checkpoint: `shared.pt` (model, optimizer, scheduler, scaler, progress; written by rank 0),
+`rank<r>.pt` (what only rank r has: its RNG states), and `COMPLETE` (written last). Everything is written
+into a hidden temp dir, fsynced, and the dir renamed into place, so a kill at any moment leaves either a
+whole checkpoint or none under a `step-*` name. Loading walks from the newest and skips (with a warning)
+any checkpoint that is partial or unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "step-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write a file through `write(fileobj)` to a temp name, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def fault_point(name: str, step: int) -> None:
+    """Fault injection for the resume tests: `ASBATCH_FAULT=<name>:<step>` SIGKILLs this process here."""
+    if os.environ.get("ASBATCH_FAULT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save(
+    ckpt_root: Path,
+    step: int,
+    shared: dict[str, Any] | None,
+    rank_state: dict[str, Any],
+    rank: int,
+    world_size: int,
+    barrier: Callable[[], None],
+    keep: int,
+) -> Path:
+    """Collective: every rank calls it. Rank 0 passes `shared`; each rank its own `rank_state`."""
+    final = ckpt_root / f"{PREFIX}{step:09d}"
+    tmp = ckpt_root / f".tmp-{PREFIX}{step:09d}"
+    if final.exists():  # already saved at this step (e.g. periodic and epoch-end coincide)
+        return final
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+        tmp.mkdir(parents=True)
+    barrier()
+    atomic_write_bytes(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    if rank == 0:
+        atomic_write_bytes(tmp / "shared.pt", lambda f: torch.save(shared, f))
+    fault_point("checkpoint", step)
+    barrier()
+    if rank == 0:
+        atomic_write_json(tmp / "COMPLETE", {"step": step, "world_size": world_size})
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        _prune(ckpt_root, keep)
+    barrier()
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    for old in sorted(ckpt_root.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_latest(ckpt_root: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """(shared, rank_state) of the newest valid checkpoint, or None. rank_state is None when the checkpoint
+    was written by fewer ranks (resuming on a different world size: that rank re-seeds)."""
+    for ckpt in sorted(ckpt_root.glob(f"{PREFIX}*"), reverse=True):
+        try:
+            if not (ckpt / "COMPLETE").is_file():
+                raise ValueError("no COMPLETE marker")
+            shared = torch.load(ckpt / "shared.pt", map_location="cpu", weights_only=False)
+            rank_file = ckpt / f"rank{rank}.pt"
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
+            return shared, rank_state
+        except Exception as err:  # corrupt or partial: fall back to an older one
+            warnings.warn(f"skipping checkpoint {ckpt}: {err}", stacklevel=2)
+    return None

@@ -1,0 +1,117 @@
+"""The resolved configuration of one training run, validated by pydantic; nothing here knows YAML or Slurm.
+
+A `RunConfig` is what `train(config, run_dir)` needs, complete. Its `run_id` is a hash of its content, so
+the same config always maps to the same run dir and the same W&B run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    name: Literal["cifar10", "cifar100", "svhn", "digits", "synthetic"] = "digits"
+    root: str | None = Field(None, description="data root; default $ASBATCH_DATA or ./data")
+    batch_size: int = Field(128, gt=0, description="global batch size (split across processes)")
+    test_batch_size: int = Field(1000, gt=0)
+    augment: bool = Field(True, description="random crop (padding 4, or 1 for 8x8 digits) + horizontal flip")
+    train_subset: int | None = Field(None, gt=0, description="use only the first N training examples")
+    test_subset: int | None = Field(None, gt=0, description="use only the first N test examples")
+
+
+class ModelConfig(Section):
+    name: Literal["mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                  "vgg11", "vgg13", "vgg16", "vgg19"] = "resnet20"
+    bayesian: bool = True
+    width: int | None = Field(None, gt=0, description="channel width of the first stage (smaller = faster)")
+    init_sigma: float = Field(0.15, gt=0)
+    prior_sigma: float = Field(0.15, gt=0)
+    init_from: str | None = Field(
+        None, description="Bayesian fine-tune: a deterministic run dir or checkpoint file to initialise mu from")
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm to this value")
+
+
+class ScheduleConfig(Section):
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    epochs: int = Field(200, gt=0)
+    milestones: tuple[int, ...] = Field((80, 140, 180), description="multistep: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup from 0, in (fractional) epochs")
+
+
+class AdversarialConfig(Section):
+    lam: float = Field(0.8, ge=0, le=1, description="weight of L_adv; 0 = plain Bayes-by-backprop")
+    steps: int = Field(5, ge=0, description="N, sign-ascent steps on eps")
+    alpha: float = Field(0.02, ge=0, description="step size on eps")
+    kl_weight: float | None = Field(None, ge=0, description="beta; default 1 / (100 * N_train) as the paper")
+
+
+class EvalConfig(Section):
+    num_samples: int = Field(10, gt=0, description="S weight samples in the final evaluation")
+    seed: int = 0
+    score: Literal["entropy", "mutual_information", "max_prob"] = "entropy"
+    ood: Literal["cifar10", "cifar100", "svhn", "synthetic"] | None = None
+
+
+class TrackingConfig(Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = "disabled"
+    project: str = "asbatch"
+    entity: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+class RunConfig(Section):
+    sweep: str = "default"
+    stage: str = "train"
+    seed: int = 0
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = Field(False, description="force CPU even where a GPU exists")
+    checkpoint_every: int = Field(200, gt=0, description="also checkpoint every K optimizer steps")
+    keep_checkpoints: int = Field(2, gt=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    adversarial: AdversarialConfig = AdversarialConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("sweep", "stage")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # names become directory names, Slurm job names and W&B groups
+        if not v or not all(c.isalnum() or c in "-_." for c in v) or v.startswith("."):
+            raise ValueError(f"must be letters, digits, '-', '_' or '.', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if not self.model.bayesian and self.adversarial.lam > 0:
+            raise ValueError("adversarial.lam > 0 needs model.bayesian: true (AS perturbs the weight noise)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @property
+    def run_id(self) -> str:
+        """Stable id: a hash of everything except the tracking section (which does not change results)."""
+        content = self.to_dict()
+        content.pop("tracking")
+        blob = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return f"{self.stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
