@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,14 @@ from asbatch.spec import resolve_run_ref
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stops and its last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """`should_stop` asked to stop (preemption, time limit): every rank saved a checkpoint at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at global step {step} after saving a checkpoint; rerun to resume")
+        self.step = step
 
 
 @dataclass
@@ -175,6 +184,14 @@ def fresh_accelerator(config: RunConfig) -> Accelerator:
     return Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.precision)
 
 
+def stop_agreed(accelerator: Accelerator, local_flag: bool) -> bool:
+    """True on every rank if any rank wants to stop (signals reach ranks at slightly different times)."""
+    if accelerator.num_processes == 1:
+        return local_flag
+    flag = torch.tensor([1.0 if local_flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def ranks_in_sync(accelerator: Accelerator, model: nn.Module) -> bool:
     """Do all ranks hold the same parameters? (A cheap end-of-run check that DDP kept them together.)"""
     with torch.no_grad():
@@ -186,8 +203,17 @@ def ranks_in_sync(accelerator: Accelerator, model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------- the loop
 
 
-def train(config: RunConfig, run_dir: str | Path, progress_bar: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; returns the results dict also written to results.json."""
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    progress_bar: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns the results dict also written to results.json.
+
+    `should_stop` (e.g. "a USR2 arrived") is polled after every optimizer step; the ranks agree on it
+    (an all-reduce), all save a checkpoint at that same step, and `TrainingInterrupted` is raised.
+    """
     run_dir = Path(run_dir)
     results_path = run_dir / "results.json"
     if results_path.exists():  # finished: never re-run
@@ -281,6 +307,11 @@ def train(config: RunConfig, run_dir: str | Path, progress_bar: bool = False) ->
             if bar is not None:
                 bar.update(1)
             checkpoint.fault_point("step", prog.global_step)
+            if should_stop is not None and stop_agreed(accelerator, should_stop()):
+                prog.epoch_loss_sum = loss_sum.item()
+                prog.train_time_s += time.time() - epoch_start
+                save_checkpoint()
+                raise TrainingInterrupted(prog.global_step)
             if prog.global_step % config.checkpoint_every == 0 and prog.step_in_epoch < steps_per_epoch:
                 prog.epoch_loss_sum = loss_sum.item()
                 prog.train_time_s += time.time() - epoch_start

@@ -107,3 +107,16 @@ def test_fine_tune_from_a_missing_or_mismatched_run_fails_before_training(tmp_pa
     with pytest.raises(ValueError, match="does not fit mlp.*shape mismatch"):
         train(mismatched, tmp_path / "t" / "b")
     assert not (tmp_path / "t" / "b" / "checkpoints").exists() or not any((tmp_path / "t" / "b" / "checkpoints").iterdir())
+
+
+def test_should_stop_saves_a_checkpoint_at_that_step_and_a_rerun_finishes_identically(tmp_path):
+    from asbatch.train import TrainingInterrupted
+
+    cfg = digits_config(schedule={"name": "cosine", "epochs": 2}, adversarial__lam=0.8, checkpoint_every=1000)
+    reference = train(cfg, tmp_path / "ref")
+    calls = []
+    with pytest.raises(TrainingInterrupted, match="global step 13"):
+        train(cfg, tmp_path / "stopped", should_stop=lambda: calls.append(1) or len(calls) >= 13)
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step-*")] == ["step-000000013"]
+    resumed = train(cfg, tmp_path / "stopped")
+    assert resumed["evaluation"] == reference["evaluation"]
