@@ -21,7 +21,9 @@ class DataConfig(Section):
     root: str | None = Field(None, description="data root; default $ASBATCH_DATA or ./data")
     batch_size: int = Field(128, gt=0, description="global batch size (split across processes)")
     test_batch_size: int = Field(1000, gt=0)
-    augment: bool = Field(True, description="random crop (padding 4, or 1 for 8x8 digits) + horizontal flip")
+    augment: bool | None = Field(
+        None, description="random crop (padding H/8) + horizontal flip; default: on for CIFAR only (flips and "
+                          "shifts hurt digit data)")
     train_subset: int | None = Field(None, gt=0, description="use only the first N training examples")
     test_subset: int | None = Field(None, gt=0, description="use only the first N test examples")
 

@@ -376,10 +376,15 @@ class DeviceLoader:
         return self.epoch(0)
 
 
+def default_augment(config: DataConfig) -> bool:
+    """Crop + flip unless the config says otherwise; on by default for CIFAR only (digits must not flip)."""
+    return config.augment if config.augment is not None else config.name in ("cifar10", "cifar100")
+
+
 def loader_for(config: DataConfig, split: str, *, seed: int, device: torch.device | str, rank: int = 0,
                world_size: int = 1) -> DeviceLoader:
     """The loader a run uses: train split shuffled (and augmented per config), test split in order."""
     train = split == "train"
     return DeviceLoader(load_for(config, split), config.batch_size if train else config.test_batch_size,
-                        train=train, augment=config.augment, seed=seed, device=device, rank=rank,
+                        train=train, augment=default_augment(config), seed=seed, device=device, rank=rank,
                         world_size=world_size)

@@ -251,8 +251,18 @@ def test_loader_for_builds_train_and_test_loaders_from_the_config():
     config = DataConfig(name="synthetic", batch_size=64, test_batch_size=100, train_subset=300)
     train = loader_for(config, "train", seed=0, device="cpu", rank=1, world_size=2)
     test = loader_for(config, "test", seed=0, device="cpu")
-    assert len(train) == 300 // 64 and train.augment and train.local_batch_size == 32
+    assert len(train) == 300 // 64 and not train.augment and train.local_batch_size == 32
     assert len(test) == 2 and not test.augment
+    forced = loader_for(config.model_copy(update={"augment": True}), "train", seed=0, device="cpu")
+    assert forced.augment
+
+
+def test_augmentation_defaults_on_for_cifar_only():
+    from asbatch.data import default_augment
+
+    assert [default_augment(DataConfig(name=n)) for n in ("cifar10", "cifar100", "svhn", "digits", "synthetic")] \
+        == [True, True, False, False, False]
+    assert default_augment(DataConfig(name="cifar10", augment=False)) is False
 
 
 def test_fake_cifar_files_read_the_same_through_torchvision(tmp_path: Path, monkeypatch):
