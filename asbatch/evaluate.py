@@ -129,13 +129,17 @@ def retained_accuracy(
     return result
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE = sum_b (n_b / N) * |acc_b - conf_b| over equal-width confidence bins.
+class ReliabilityBins(NamedTuple):
+    """Per confidence bin: number of examples, sum of their confidences, number of them correct."""
 
-    Confidence is max_c p_c, the prediction its argmax. Bin b covers (b / n_bins, (b + 1) / n_bins], the
-    first bin also includes 0; acc_b and conf_b are the mean correctness and confidence of its n_b examples
-    (empty bins contribute 0).
-    """
+    count: torch.Tensor
+    confidence_sum: torch.Tensor
+    correct_sum: torch.Tensor
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> ReliabilityBins:
+    """Equal-width bins on the confidence max_c p_c: bin b covers (b / n_bins, (b + 1) / n_bins], the first
+    bin also includes 0; the prediction is the argmax (float64 sums)."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf, pred = probs.double().max(dim=-1)
@@ -143,11 +147,27 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     inner_edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)[1:-1]
     # right=False: index i satisfies edge[i-1] < conf <= edge[i], i.e. (lo, hi] bins, 0 falls in bin 0
     bin_index = torch.bucketize(conf, inner_edges, right=False)
-    count = torch.bincount(bin_index, minlength=n_bins).double()
-    conf_sum = torch.bincount(bin_index, weights=conf, minlength=n_bins)
-    correct_sum = torch.bincount(bin_index, weights=correct.double(), minlength=n_bins)
+    return ReliabilityBins(
+        count=torch.bincount(bin_index, minlength=n_bins).double(),
+        confidence_sum=torch.bincount(bin_index, weights=conf, minlength=n_bins),
+        correct_sum=torch.bincount(bin_index, weights=correct.double(), minlength=n_bins),
+    )
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE = sum_b (n_b / N) * |acc_b - conf_b| over the equal-width confidence bins of `reliability_bins`
+    (acc_b and conf_b: mean correctness and confidence of the n_b examples in bin b; empty bins add 0)."""
+    bins = reliability_bins(probs, labels, n_bins)
     # |acc_b - conf_b| * n_b / N == |correct_sum_b - conf_sum_b| / N, which is 0 for empty bins
-    return ((correct_sum - conf_sum).abs().sum() / n).item()
+    return ((bins.correct_sum - bins.confidence_sum).abs().sum() / bins.count.sum()).item()
+
+
+def reliability_diagram_data(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, list]:
+    """JSON-ready reliability diagram: per bin its count, mean confidence and accuracy (None when empty)."""
+    bins = reliability_bins(probs, labels, n_bins)
+    mean = lambda total: [(t / c).item() if c > 0 else None for t, c in zip(total, bins.count)]  # noqa: E731
+    return {"count": [int(c) for c in bins.count], "confidence": mean(bins.confidence_sum),
+            "accuracy": mean(bins.correct_sum)}
 
 
 def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor, min_prob: float = 1e-12) -> float:
@@ -391,6 +411,7 @@ def summarize(
         "score": score,
         "retained_accuracy": {str(float(x)): a for x, a in retained_accuracy(correct, in_score, fractions).items()},
         "ece": expected_calibration_error(pred.mean_probs, pred.labels),
+        "reliability": reliability_diagram_data(pred.mean_probs, pred.labels),
         "nll": negative_log_likelihood(pred.mean_probs, pred.labels),
         "brier": brier_score(pred.mean_probs, pred.labels),
         "aurc": aurc(correct, in_score),

@@ -335,3 +335,17 @@ def test_predict_rejects_batches_whose_order_changes_between_passes():
 
     with pytest.raises(ValueError, match="differ between passes"):
         predict(model, Reshuffling(), num_samples=2)
+
+
+def test_reliability_diagram_data_counts_and_means_per_bin():
+    from asbatch.evaluate import reliability_diagram_data
+
+    # confidences 0.9 (correct), 0.95 (wrong), 0.5 (correct) with 2 bins: (0, .5] and (.5, 1]
+    probs = torch.tensor([[0.9, 0.1], [0.05, 0.95], [0.5, 0.5]])
+    labels = torch.tensor([0, 0, 0])
+    data = reliability_diagram_data(probs, labels, n_bins=2)
+    assert data["count"] == [1, 2]
+    assert data["confidence"] == pytest.approx([0.5, 0.925])
+    assert data["accuracy"] == pytest.approx([1.0, 0.5])
+    empty = reliability_diagram_data(probs, labels, n_bins=4)
+    assert empty["count"] == [0, 1, 0, 2] and empty["accuracy"][0] is None
