@@ -1,0 +1,40 @@
+"""The job specs shipped in jobs/ expand to the runs their comments promise."""
+
+from pathlib import Path
+
+import pytest
+
+from asbatch.spec import load_plan
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.mark.parametrize("name, stages", [
+    ("quickstart", {"train": 4}),
+    ("train_c10", {"train": 18}),
+    ("train_c100", {"train": 18}),
+    ("pretrain_c100", {"pretrain": 9}),
+    ("fine_tune_c100", {"pretrain": 9, "fine_tune": 18}),
+])
+def test_shipped_spec_expands_to_the_promised_runs(name, stages):
+    sweep = load_plan(JOBS / f"{name}.yaml")
+    assert {s.name: len(s.runs) for s in sweep.stages} == stages
+    assert list(stages) == [s.name for s in sweep.stages]
+
+
+def test_fine_tune_runs_start_from_the_matching_pretrain_run():
+    sweep = load_plan(JOBS / "fine_tune_c100.yaml")
+    pretrain = {r.run_id: r.config for r in sweep.stage("pretrain").runs}
+    for run in sweep.stage("fine_tune").runs:
+        upstream = pretrain[run.config.model.init_from.removeprefix("run:")]
+        assert (upstream.model.name, upstream.seed) == (run.config.model.name, run.config.seed)
+        assert run.config.model.bayesian and not upstream.model.bayesian
+
+
+def test_paper_specs_use_the_paper_settings():
+    for name in ("train_c10", "train_c100"):
+        for run in load_plan(JOBS / f"{name}.yaml").runs:
+            c = run.config
+            assert (c.schedule.epochs, c.schedule.milestones, c.optim.name) == (200, (80, 140, 180), "adam")
+            assert (c.adversarial.steps, c.adversarial.alpha) == (5, 0.02)
+            assert c.adversarial.lam in (0.0, 0.8)
