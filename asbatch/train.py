@@ -33,6 +33,7 @@ from asbatch.data import DeviceLoader, loader_for
 from asbatch.evaluate import evaluate
 from asbatch.models import build_model
 from asbatch.spec import resolve_run_ref
+from asbatch.tracking import Tracker
 
 
 class NonFiniteLossError(RuntimeError):
@@ -258,109 +259,112 @@ def train(
             set_rng_state(rank_state, eps_gen)
         accelerator.print(f"resumed {run_dir.name} at epoch {prog.epoch} step {prog.step_in_epoch}")
     metrics = MetricsLog(run_dir / "metrics.jsonl", prog.epoch) if accelerator.is_main_process else None
+    # the W&B run is closed (as failed) if anything below raises, so a requeued segment can continue it
+    with Tracker(config, run_dir, enabled=accelerator.is_main_process) as tracker:
+        def save_checkpoint() -> None:
+            shared = None
+            if accelerator.is_main_process:
+                shared = {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "progress": asdict(prog),
+                          "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+            checkpoint.save(ckpt_root, prog.global_step, shared, rng_state(eps_gen), rank, world,
+                            accelerator.wait_for_everyone, config.keep_checkpoints)
 
-    def save_checkpoint() -> None:
-        shared = None
+        bar = None
+        if progress_bar and accelerator.is_main_process:
+            from tqdm import tqdm
+            bar = tqdm(total=config.schedule.epochs * steps_per_epoch, initial=prog.global_step,
+                       desc=run_dir.name, unit="step", leave=False, disable=None)  # no bar off a terminal
+
+        while prog.epoch < config.schedule.epochs:
+            epoch_start = time.time()
+            model.train()
+            loss_sum = torch.tensor(prog.epoch_loss_sum, device=device)
+            # prepare() made the model's forward run under autocast (inner shares it), so no context here:
+            # the backward passes inside as_step run outside autocast, as they should
+            for x, y in train_loader.epoch(prog.epoch, prog.step_in_epoch):
+                if bayesian:
+                    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+                    out = as_step(model, x, y, lam=adv.lam, steps=adv.steps, alpha=adv.alpha, kl_weight=kl_weight,
+                                  inner_model=inner, backward=accelerator.backward,
+                                  no_sync=lambda: accelerator.no_sync(model), loss_scale=scale, generator=eps_gen)
+                    loss, logits = out.total, out.logits
+                else:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    accelerator.backward(loss)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss is {loss.item()} at global step {prog.global_step} (epoch "
+                                             f"{prog.epoch}); the last good checkpoint in {ckpt_root} is kept")
+                if config.optim.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                loss_sum += loss.detach()
+                prog.epoch_correct += int((logits.argmax(1) == y).sum())
+                prog.epoch_seen += len(y)
+                prog.step_in_epoch += 1
+                prog.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                checkpoint.fault_point("step", prog.global_step)
+                if should_stop is not None and stop_agreed(accelerator, should_stop()):
+                    prog.epoch_loss_sum = loss_sum.item()
+                    prog.train_time_s += time.time() - epoch_start
+                    save_checkpoint()
+                    raise TrainingInterrupted(prog.global_step)
+                if prog.global_step % config.checkpoint_every == 0 and prog.step_in_epoch < steps_per_epoch:
+                    prog.epoch_loss_sum = loss_sum.item()
+                    prog.train_time_s += time.time() - epoch_start
+                    epoch_start = time.time()
+                    save_checkpoint()
+            epoch_time = time.time() - epoch_start
+            prog.train_time_s += epoch_time
+            # every rank saw its own shard: sum loss, correct and seen over ranks (a collective on all ranks)
+            totals = torch.tensor([loss_sum.item(), prog.epoch_correct, prog.epoch_seen], device=device,
+                                  dtype=torch.float64)
+            loss_total, correct_total, seen_total = accelerator.reduce(totals, reduction="sum").tolist()
+            if accelerator.is_main_process:
+                row = {"epoch": prog.epoch, "global_step": prog.global_step,
+                       "train_loss": loss_total / (steps_per_epoch * world), "train_acc": correct_total / seen_total,
+                       "lr": scheduler.get_last_lr()[0],
+                       "images_per_s": seen_total / epoch_time if epoch_time > 0 else 0.0,
+                       "step_time_s": epoch_time / steps_per_epoch,
+                       **epoch_test_metrics(inner, test_loader, bayesian, prog.epoch)}
+                prog.best_test_acc = max(prog.best_test_acc, row.get("test_acc_mean", row.get("test_acc", 0.0)))
+                metrics.append(row)
+                tracker.log_epoch(row, step=prog.global_step)
+            prog.epoch += 1
+            prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = 0
+            prog.epoch_loss_sum = 0.0
+            save_checkpoint()
+            checkpoint.fault_point("epoch", prog.epoch)
+        if bar is not None:
+            bar.close()
+
+        in_sync = ranks_in_sync(accelerator, inner)
+        results: dict[str, Any] = {}
         if accelerator.is_main_process:
-            shared = {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "progress": asdict(prog),
-                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-        checkpoint.save(ckpt_root, prog.global_step, shared, rng_state(eps_gen), rank, world,
-                        accelerator.wait_for_everyone, config.keep_checkpoints)
-
-    bar = None
-    if progress_bar and accelerator.is_main_process:
-        from tqdm import tqdm
-        bar = tqdm(total=config.schedule.epochs * steps_per_epoch, initial=prog.global_step,
-                   desc=run_dir.name, unit="step", leave=False, disable=None)  # no bar off a terminal
-
-    while prog.epoch < config.schedule.epochs:
-        epoch_start = time.time()
-        model.train()
-        loss_sum = torch.tensor(prog.epoch_loss_sum, device=device)
-        # prepare() made the model's forward run under autocast (inner shares it), so no context here:
-        # the backward passes inside as_step run outside autocast, as they should
-        for x, y in train_loader.epoch(prog.epoch, prog.step_in_epoch):
-            if bayesian:
-                scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-                out = as_step(model, x, y, lam=adv.lam, steps=adv.steps, alpha=adv.alpha, kl_weight=kl_weight,
-                              inner_model=inner, backward=accelerator.backward,
-                              no_sync=lambda: accelerator.no_sync(model), loss_scale=scale, generator=eps_gen)
-                loss, logits = out.total, out.logits
-            else:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                accelerator.backward(loss)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at global step {prog.global_step} (epoch "
-                                         f"{prog.epoch}); the last good checkpoint in {ckpt_root} is kept")
-            if config.optim.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            loss_sum += loss.detach()
-            prog.epoch_correct += int((logits.argmax(1) == y).sum())
-            prog.epoch_seen += len(y)
-            prog.step_in_epoch += 1
-            prog.global_step += 1
-            if bar is not None:
-                bar.update(1)
-            checkpoint.fault_point("step", prog.global_step)
-            if should_stop is not None and stop_agreed(accelerator, should_stop()):
-                prog.epoch_loss_sum = loss_sum.item()
-                prog.train_time_s += time.time() - epoch_start
-                save_checkpoint()
-                raise TrainingInterrupted(prog.global_step)
-            if prog.global_step % config.checkpoint_every == 0 and prog.step_in_epoch < steps_per_epoch:
-                prog.epoch_loss_sum = loss_sum.item()
-                prog.train_time_s += time.time() - epoch_start
-                epoch_start = time.time()
-                save_checkpoint()
-        epoch_time = time.time() - epoch_start
-        prog.train_time_s += epoch_time
-        # every rank saw its own shard: sum loss, correct and seen over ranks (a collective on all ranks)
-        totals = torch.tensor([loss_sum.item(), prog.epoch_correct, prog.epoch_seen], device=device,
-                              dtype=torch.float64)
-        loss_total, correct_total, seen_total = accelerator.reduce(totals, reduction="sum").tolist()
-        if accelerator.is_main_process:
-            row = {"epoch": prog.epoch, "global_step": prog.global_step,
-                   "train_loss": loss_total / (steps_per_epoch * world), "train_acc": correct_total / seen_total,
-                   "lr": scheduler.get_last_lr()[0],
-                   "images_per_s": seen_total / epoch_time if epoch_time > 0 else 0.0,
-                   "step_time_s": epoch_time / steps_per_epoch,
-                   **epoch_test_metrics(inner, test_loader, bayesian, prog.epoch)}
-            prog.best_test_acc = max(prog.best_test_acc, row.get("test_acc_mean", row.get("test_acc", 0.0)))
-            metrics.append(row)
-        prog.epoch += 1
-        prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = 0
-        prog.epoch_loss_sum = 0.0
-        save_checkpoint()
-        checkpoint.fault_point("epoch", prog.epoch)
-    if bar is not None:
-        bar.close()
-
-    in_sync = ranks_in_sync(accelerator, inner)
-    results: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        ev = config.eval
-        ood_loader = None
-        if ev.ood is not None:
-            ood_data = DataConfig(name=ev.ood, root=config.data.root, test_batch_size=config.data.test_batch_size)
-            ood_loader = loader_for(ood_data, "test", seed=0, device=device)
-        evaluation = evaluate(inner, test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
-                              score=ev.score)
-        checkpoint.atomic_write_bytes(run_dir / "model.pt", lambda f: torch.save(inner.state_dict(), f))
-        results = {
-            "run_id": config.run_id, "sweep": config.sweep, "stage": config.stage,
-            "config": config.to_dict(), "code_version": code_version(),
-            "evaluation": evaluation,
-            "train": {"epochs": prog.epoch, "global_steps": prog.global_step,
-                      "best_test_acc": prog.best_test_acc, "kl_weight": kl_weight, "world_size": world,
-                      "ranks_in_sync": in_sync},
-            # timing differs between an interrupted and an uninterrupted run; everything else must not
-            "timing": {"train_time_s": prog.train_time_s, "wall_time_s_this_segment": time.time() - wall_start},
-        }
-        checkpoint.atomic_write_json(results_path, results)
-    accelerator.wait_for_everyone()
-    return results if accelerator.is_main_process else json.loads(results_path.read_text())
+            ev = config.eval
+            ood_loader = None
+            if ev.ood is not None:
+                ood_data = DataConfig(name=ev.ood, root=config.data.root, test_batch_size=config.data.test_batch_size)
+                ood_loader = loader_for(ood_data, "test", seed=0, device=device)
+            evaluation = evaluate(inner, test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
+                                  score=ev.score)
+            checkpoint.atomic_write_bytes(run_dir / "model.pt", lambda f: torch.save(inner.state_dict(), f))
+            results = {
+                "run_id": config.run_id, "sweep": config.sweep, "stage": config.stage,
+                "config": config.to_dict(), "code_version": code_version(),
+                "evaluation": evaluation,
+                "train": {"epochs": prog.epoch, "global_steps": prog.global_step,
+                          "best_test_acc": prog.best_test_acc, "kl_weight": kl_weight, "world_size": world,
+                          "ranks_in_sync": in_sync},
+                # timing differs between an interrupted and an uninterrupted run; everything else must not
+                "timing": {"train_time_s": prog.train_time_s, "wall_time_s_this_segment": time.time() - wall_start},
+            }
+            checkpoint.atomic_write_json(results_path, results)
+            tracker.finish(results)
+        accelerator.wait_for_everyone()
+        return results if accelerator.is_main_process else json.loads(results_path.read_text())
