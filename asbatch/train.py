@@ -8,7 +8,6 @@ bitwise identical (CPU, fp32) to an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import subprocess
@@ -204,6 +203,182 @@ def ranks_in_sync(accelerator: Accelerator, model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------- the loop
 
 
+class Trainer:
+    """What one run holds while it trains: the Accelerator, data, model, optimizer, schedule, generators and
+    progress. `train` drives it epoch by epoch."""
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config, self.run_dir = config, run_dir
+        self.accelerator = acc = fresh_accelerator(config)
+        self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        acc.wait_for_everyone()
+        self.train_loader = loader_for(config.data, "train", seed=config.seed, device=self.device,
+                                       rank=self.rank, world_size=self.world)
+        self.test_loader = loader_for(config.data, "test", seed=0, device=self.device)
+        self.steps_per_epoch = self.train_loader.steps_per_epoch
+        torch.manual_seed(config.seed)  # same init on every rank
+        model = build(config, self.train_loader.num_classes, self.train_loader.image_shape[0], run_dir)
+        optimizer = make_optimizer(config, model.to(self.device).parameters())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(config, step / self.steps_per_epoch))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.inner = acc.unwrap_model(self.model)  # for the AS inner passes, evaluation and checkpoints
+        adv = config.adversarial
+        self.kl_weight = adv.kl_weight if adv.kl_weight is not None else 1.0 / (100 * self.train_loader.num_examples)
+        self.eps_gen = torch.Generator(device=self.device).manual_seed(config.seed * 1_000_003 + self.rank)
+        self.ckpt_root = run_dir / "checkpoints"
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        self.prog = Progress()
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def resume(self) -> None:
+        """Continue from the newest valid checkpoint, if any."""
+        resumed = checkpoint.load_latest(self.ckpt_root, self.rank)
+        if resumed is None:
+            return
+        shared, rank_state = resumed
+        self.inner.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        if self.accelerator.scaler is not None and shared.get("scaler"):
+            self.accelerator.scaler.load_state_dict(shared["scaler"])
+        self.prog = Progress(**shared["progress"])
+        if rank_state is not None:
+            set_rng_state(rank_state, self.eps_gen)
+        self.accelerator.print(f"resumed {self.run_dir.name} at epoch {self.prog.epoch} "
+                               f"step {self.prog.step_in_epoch}")
+
+    def save_checkpoint(self) -> None:
+        """Collective: rank 0 saves the shared state, every rank its RNG states."""
+        shared = None
+        if self.is_main:
+            scaler = self.accelerator.scaler
+            shared = {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
+                      "scheduler": self.scheduler.state_dict(), "progress": asdict(self.prog),
+                      "scaler": scaler.state_dict() if scaler is not None else None}
+        checkpoint.save(self.ckpt_root, self.prog.global_step, shared, rng_state(self.eps_gen), self.rank,
+                        self.world, self.accelerator.wait_for_everyone, self.config.keep_checkpoints)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss, logits), detached.
+
+        prepare() made the model's forward run under autocast (inner shares it), so there is no autocast
+        context here: the backward passes inside as_step run outside autocast, as they should.
+        """
+        acc, adv = self.accelerator, self.config.adversarial
+        if self.config.model.bayesian:
+            scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+            out = as_step(self.model, x, y, lam=adv.lam, steps=adv.steps, alpha=adv.alpha,
+                          kl_weight=self.kl_weight, inner_model=self.inner, backward=acc.backward,
+                          no_sync=lambda: acc.no_sync(self.model), loss_scale=scale, generator=self.eps_gen)
+            loss, logits = out.total, out.logits
+        else:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            acc.backward(loss)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at global step {self.prog.global_step} (epoch "
+                                     f"{self.prog.epoch}); the last good checkpoint in {self.ckpt_root} is kept")
+        if self.config.optim.grad_clip:
+            acc.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+    def run_epoch(self, should_stop: Callable[[], bool] | None, bar) -> tuple[float, float]:
+        """Train the rest of the current epoch (checkpointing every `checkpoint_every` steps); returns this
+        rank's summed epoch loss and the seconds this segment spent on the epoch. Raises
+        TrainingInterrupted after a checkpoint if asked to stop."""
+        prog, started = self.prog, time.time()
+        loss_sum = torch.tensor(prog.epoch_loss_sum, device=self.device)
+
+        def checkpoint_mid_epoch() -> None:
+            nonlocal started
+            prog.epoch_loss_sum = loss_sum.item()
+            prog.train_time_s += time.time() - started
+            started = time.time()
+            self.save_checkpoint()
+
+        self.model.train()
+        for x, y in self.train_loader.epoch(prog.epoch, prog.step_in_epoch):
+            loss, logits = self.step(x, y)
+            loss_sum += loss
+            prog.epoch_correct += int((logits.argmax(1) == y).sum())
+            prog.epoch_seen += len(y)
+            prog.step_in_epoch += 1
+            prog.global_step += 1
+            if bar is not None:
+                bar.update(1)
+            checkpoint.fault_point("step", prog.global_step)
+            if should_stop is not None and stop_agreed(self.accelerator, should_stop()):
+                checkpoint_mid_epoch()
+                raise TrainingInterrupted(prog.global_step)
+            if prog.global_step % self.config.checkpoint_every == 0 and prog.step_in_epoch < self.steps_per_epoch:
+                checkpoint_mid_epoch()
+        epoch_time = time.time() - started
+        prog.train_time_s += epoch_time
+        return loss_sum.item(), epoch_time
+
+    def epoch_metrics(self, loss_sum: float, epoch_time: float) -> dict[str, Any] | None:
+        """The epoch's metrics row on rank 0 (None elsewhere; a collective, all ranks call it)."""
+        prog = self.prog
+        # every rank saw its own shard: sum loss, correct and seen over ranks (a collective on all ranks)
+        totals = torch.tensor([loss_sum, prog.epoch_correct, prog.epoch_seen], device=self.device,
+                              dtype=torch.float64)
+        loss_total, correct_total, seen_total = self.accelerator.reduce(totals, reduction="sum").tolist()
+        row = None
+        if self.is_main:
+            row = {"epoch": prog.epoch, "global_step": prog.global_step,
+                   "train_loss": loss_total / (self.steps_per_epoch * self.world),
+                   "train_acc": correct_total / seen_total, "lr": self.scheduler.get_last_lr()[0],
+                   "images_per_s": seen_total / epoch_time if epoch_time > 0 else 0.0,
+                   "step_time_s": epoch_time / self.steps_per_epoch,
+                   **epoch_test_metrics(self.inner, self.test_loader, self.config.model.bayesian, prog.epoch)}
+            prog.best_test_acc = max(prog.best_test_acc, row.get("test_acc_mean", row.get("test_acc", 0.0)))
+        return row
+
+    def finish_epoch(self) -> None:
+        """Mark the epoch done and checkpoint. Call it after the epoch's metrics are written: a run killed
+        right after this checkpoint never re-runs the epoch, so its row must already be on disk."""
+        prog = self.prog
+        prog.epoch += 1
+        prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = 0
+        prog.epoch_loss_sum = 0.0
+        self.save_checkpoint()
+        checkpoint.fault_point("epoch", prog.epoch)
+
+    def results(self, wall_start: float) -> dict[str, Any]:
+        """Rank 0: the final S-sample evaluation, model.pt, and the results dict (collective: all call it)."""
+        in_sync = ranks_in_sync(self.accelerator, self.inner)
+        if not self.is_main:
+            return {}
+        config, ev = self.config, self.config.eval
+        ood_loader = None
+        if ev.ood is not None:
+            ood_data = DataConfig(name=ev.ood, root=config.data.root, test_batch_size=config.data.test_batch_size)
+            ood_loader = loader_for(ood_data, "test", seed=0, device=self.device)
+        evaluation = evaluate(self.inner, self.test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
+                              score=ev.score)
+        checkpoint.atomic_write_bytes(self.run_dir / "model.pt", lambda f: torch.save(self.inner.state_dict(), f))
+        prog = self.prog
+        return {
+            "run_id": config.run_id, "sweep": config.sweep, "stage": config.stage,
+            "config": config.to_dict(), "code_version": code_version(),
+            "evaluation": evaluation,
+            "train": {"epochs": prog.epoch, "global_steps": prog.global_step, "best_test_acc": prog.best_test_acc,
+                      "kl_weight": self.kl_weight, "world_size": self.world, "ranks_in_sync": in_sync},
+            # timing differs between an interrupted and an uninterrupted run; everything else must not
+            "timing": {"train_time_s": prog.train_time_s, "wall_time_s_this_segment": time.time() - wall_start},
+        }
+
+
 def train(
     config: RunConfig,
     run_dir: str | Path,
@@ -220,151 +395,29 @@ def train(
     if results_path.exists():  # finished: never re-run
         return json.loads(results_path.read_text())
     wall_start = time.time()
+    trainer = Trainer(config, run_dir)
+    trainer.resume()
+    prog, main = trainer.prog, trainer.is_main
+    metrics = MetricsLog(run_dir / "metrics.jsonl", prog.epoch) if main else None
+    bar = None
+    if progress_bar and main:
+        from tqdm import tqdm
 
-    accelerator = fresh_accelerator(config)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    accelerator.wait_for_everyone()
-
-    train_loader = loader_for(config.data, "train", seed=config.seed, device=device, rank=rank, world_size=world)
-    test_loader = loader_for(config.data, "test", seed=0, device=device)
-    torch.manual_seed(config.seed)  # same init on every rank
-    model = build(config, train_loader.num_classes, train_loader.image_shape[0], run_dir).to(device)
-    optimizer = make_optimizer(config, model.parameters())
-    steps_per_epoch = train_loader.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s / steps_per_epoch))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
-    bayesian = config.model.bayesian
-    adv = config.adversarial
-    kl_weight = adv.kl_weight if adv.kl_weight is not None else 1.0 / (100 * train_loader.num_examples)
-    eps_gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + rank)
-
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    prog = Progress()
-    resumed = checkpoint.load_latest(ckpt_root, rank)
-    if resumed is not None:
-        shared, rank_state = resumed
-        inner.load_state_dict(shared["model"])
-        optimizer.load_state_dict(shared["optimizer"])
-        scheduler.load_state_dict(shared["scheduler"])
-        if accelerator.scaler is not None and shared.get("scaler"):
-            accelerator.scaler.load_state_dict(shared["scaler"])
-        prog = Progress(**shared["progress"])
-        if rank_state is not None:
-            set_rng_state(rank_state, eps_gen)
-        accelerator.print(f"resumed {run_dir.name} at epoch {prog.epoch} step {prog.step_in_epoch}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", prog.epoch) if accelerator.is_main_process else None
+        bar = tqdm(total=config.schedule.epochs * trainer.steps_per_epoch, initial=prog.global_step,
+                   desc=run_dir.name, unit="step", leave=False, disable=None)  # no bar off a terminal
     # the W&B run is closed (as failed) if anything below raises, so a requeued segment can continue it
-    with Tracker(config, run_dir, enabled=accelerator.is_main_process) as tracker:
-        def save_checkpoint() -> None:
-            shared = None
-            if accelerator.is_main_process:
-                shared = {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "progress": asdict(prog),
-                          "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-            checkpoint.save(ckpt_root, prog.global_step, shared, rng_state(eps_gen), rank, world,
-                            accelerator.wait_for_everyone, config.keep_checkpoints)
-
-        bar = None
-        if progress_bar and accelerator.is_main_process:
-            from tqdm import tqdm
-            bar = tqdm(total=config.schedule.epochs * steps_per_epoch, initial=prog.global_step,
-                       desc=run_dir.name, unit="step", leave=False, disable=None)  # no bar off a terminal
-
-        while prog.epoch < config.schedule.epochs:
-            epoch_start = time.time()
-            model.train()
-            loss_sum = torch.tensor(prog.epoch_loss_sum, device=device)
-            # prepare() made the model's forward run under autocast (inner shares it), so no context here:
-            # the backward passes inside as_step run outside autocast, as they should
-            for x, y in train_loader.epoch(prog.epoch, prog.step_in_epoch):
-                if bayesian:
-                    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-                    out = as_step(model, x, y, lam=adv.lam, steps=adv.steps, alpha=adv.alpha, kl_weight=kl_weight,
-                                  inner_model=inner, backward=accelerator.backward,
-                                  no_sync=lambda: accelerator.no_sync(model), loss_scale=scale, generator=eps_gen)
-                    loss, logits = out.total, out.logits
-                else:
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                    accelerator.backward(loss)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss is {loss.item()} at global step {prog.global_step} (epoch "
-                                             f"{prog.epoch}); the last good checkpoint in {ckpt_root} is kept")
-                if config.optim.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                loss_sum += loss.detach()
-                prog.epoch_correct += int((logits.argmax(1) == y).sum())
-                prog.epoch_seen += len(y)
-                prog.step_in_epoch += 1
-                prog.global_step += 1
-                if bar is not None:
-                    bar.update(1)
-                checkpoint.fault_point("step", prog.global_step)
-                if should_stop is not None and stop_agreed(accelerator, should_stop()):
-                    prog.epoch_loss_sum = loss_sum.item()
-                    prog.train_time_s += time.time() - epoch_start
-                    save_checkpoint()
-                    raise TrainingInterrupted(prog.global_step)
-                if prog.global_step % config.checkpoint_every == 0 and prog.step_in_epoch < steps_per_epoch:
-                    prog.epoch_loss_sum = loss_sum.item()
-                    prog.train_time_s += time.time() - epoch_start
-                    epoch_start = time.time()
-                    save_checkpoint()
-            epoch_time = time.time() - epoch_start
-            prog.train_time_s += epoch_time
-            # every rank saw its own shard: sum loss, correct and seen over ranks (a collective on all ranks)
-            totals = torch.tensor([loss_sum.item(), prog.epoch_correct, prog.epoch_seen], device=device,
-                                  dtype=torch.float64)
-            loss_total, correct_total, seen_total = accelerator.reduce(totals, reduction="sum").tolist()
-            if accelerator.is_main_process:
-                row = {"epoch": prog.epoch, "global_step": prog.global_step,
-                       "train_loss": loss_total / (steps_per_epoch * world), "train_acc": correct_total / seen_total,
-                       "lr": scheduler.get_last_lr()[0],
-                       "images_per_s": seen_total / epoch_time if epoch_time > 0 else 0.0,
-                       "step_time_s": epoch_time / steps_per_epoch,
-                       **epoch_test_metrics(inner, test_loader, bayesian, prog.epoch)}
-                prog.best_test_acc = max(prog.best_test_acc, row.get("test_acc_mean", row.get("test_acc", 0.0)))
+    with Tracker(config, run_dir, enabled=main) as tracker:
+        while trainer.prog.epoch < config.schedule.epochs:
+            row = trainer.epoch_metrics(*trainer.run_epoch(should_stop, bar))
+            if row is not None:
                 metrics.append(row)
-                tracker.log_epoch(row, step=prog.global_step)
-            prog.epoch += 1
-            prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = 0
-            prog.epoch_loss_sum = 0.0
-            save_checkpoint()
-            checkpoint.fault_point("epoch", prog.epoch)
+                tracker.log_epoch(row, step=row["global_step"])
+            trainer.finish_epoch()
         if bar is not None:
             bar.close()
-
-        in_sync = ranks_in_sync(accelerator, inner)
-        results: dict[str, Any] = {}
-        if accelerator.is_main_process:
-            ev = config.eval
-            ood_loader = None
-            if ev.ood is not None:
-                ood_data = DataConfig(name=ev.ood, root=config.data.root, test_batch_size=config.data.test_batch_size)
-                ood_loader = loader_for(ood_data, "test", seed=0, device=device)
-            evaluation = evaluate(inner, test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
-                                  score=ev.score)
-            checkpoint.atomic_write_bytes(run_dir / "model.pt", lambda f: torch.save(inner.state_dict(), f))
-            results = {
-                "run_id": config.run_id, "sweep": config.sweep, "stage": config.stage,
-                "config": config.to_dict(), "code_version": code_version(),
-                "evaluation": evaluation,
-                "train": {"epochs": prog.epoch, "global_steps": prog.global_step,
-                          "best_test_acc": prog.best_test_acc, "kl_weight": kl_weight, "world_size": world,
-                          "ranks_in_sync": in_sync},
-                # timing differs between an interrupted and an uninterrupted run; everything else must not
-                "timing": {"train_time_s": prog.train_time_s, "wall_time_s_this_segment": time.time() - wall_start},
-            }
+        results = trainer.results(wall_start)
+        if main:
             checkpoint.atomic_write_json(results_path, results)
             tracker.finish(results)
-        accelerator.wait_for_everyone()
-        return results if accelerator.is_main_process else json.loads(results_path.read_text())
+    trainer.accelerator.wait_for_everyone()
+    return results if main else json.loads(results_path.read_text())
