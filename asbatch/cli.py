@@ -12,10 +12,6 @@ from asbatch import __version__
 
 # Commands whose issue has not landed yet. They say so and exit 2 rather than pretend to work.
 PLANNED = {
-    "sync": "sync a sweep's offline W&B runs",
-    "table": "print the paper's tables for a sweep",
-    "report": "build a W&B report (or static page) for a sweep",
-    "data": "download data sets to a data root",
     "bench": "run the benchmarks",
 }
 
@@ -312,3 +308,80 @@ def retry_command(sweep: str, executor: str | None, runs_root: Path) -> None:
     for sub in subs:
         after = f", after {sub.dependency}" if sub.dependency else ""
         click.echo(f"stage {sub.stage}: resubmitted {len(sub.run_ids)} runs as {sub.array_job_id}{after}")
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+
+def _run_dirs_of(runs_root: Path, sweep: str) -> Path:
+    """A sweep's dir (submitted or run in-process) by name under the runs root, or given as a path."""
+    for candidate in (Path(sweep), runs_root / sweep):
+        if candidate.is_dir() and candidate != Path("."):
+            return candidate
+    click.echo(f"error: no sweep {sweep!r} under {runs_root}", err=True)
+    sys.exit(2)
+
+
+@main.command("table")
+@click.argument("sweep")
+@click.option("--source", type=click.Choice(["local", "wandb"]), default="local", show_default=True,
+              help="read run dirs, or the W&B API (runs grouped by sweep)")
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv", "html"]), default="md", show_default=True)
+@click.option("--wandb-path", default=None, help="ENTITY/PROJECT (default: from the runs' tracking config)")
+@runs_root_option
+def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, runs_root: Path) -> None:
+    """Print the paper's tables for a sweep: lowest / highest / ensembled accuracy, accuracy on the 20-80%
+    most certain data, calibration and OOD columns; mean +- std over seeds, AS rows bold where they win."""
+    from asbatch.results import describe, load_records, sweep_tables
+
+    sweep_dir = runs_root / sweep if source == "wandb" else _run_dirs_of(runs_root, sweep)
+    records = load_records(sweep_dir, source=source, wandb_path=wandb_path)
+    click.echo(describe(records), err=True)
+    if not records:
+        sys.exit(1)
+    click.echo(sweep_tables(records, fmt=fmt), nl=False)
+
+
+@main.command("report")
+@click.argument("sweep")
+@runs_root_option
+def report_command(sweep: str, runs_root: Path) -> None:
+    """Write the sweep's report (tables + plots) as report.md / report.html with PNGs into <sweep>/report/.
+
+    A W&B report through the wandb-workspaces API is not built (see the README); the static page has the
+    same panels and can be attached to a W&B run or shared as files."""
+    from asbatch.plots import build_static_report
+
+    click.echo(build_static_report(_run_dirs_of(runs_root, sweep)))
+
+
+@main.command("sync")
+@click.argument("sweep")
+@runs_root_option
+def sync_command(sweep: str, runs_root: Path) -> None:
+    """Upload a sweep's offline W&B runs (from a login node with internet); each run's segments are synced
+    in order into its one W&B id, and what was synced is recorded in <run dir>/wandb.json."""
+    from asbatch.tracking import offline_segments, sync_run
+
+    total = 0
+    for run_dir in sorted(p for p in _run_dirs_of(runs_root, sweep).iterdir() if p.is_dir()):
+        if offline_segments(run_dir):
+            done = sync_run(run_dir)
+            total += len(done)
+            click.echo(f"{run_dir.name}: synced {len(done)} segment(s)")
+    click.echo(f"{total} offline segment(s) synced")
+
+
+@main.group("data")
+def data_group() -> None:
+    """Data sets: download on a login node with internet; compute nodes read them from the data root."""
+
+
+@data_group.command("download")
+@click.argument("name", type=click.Choice(["cifar10", "cifar100", "svhn"]))
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="data root (default $ASBATCH_DATA or ./data)")
+def data_download_command(name: str, root: str | None) -> None:
+    """Download a data set in torchvision's format into the data root."""
+    from asbatch.data import download
+
+    click.echo(f"{name} is in {download(name, root)}")

@@ -144,27 +144,11 @@ def _read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _manifest_run_ids(sweep_dir: Path) -> list[str]:
-    """Run ids listed in the sweep's manifest.json, if there is one that lists runs (tolerant of its layout:
-    {"runs": [...]} or a list, entries being ids or dicts with "run_id"; or {"runs": {id: ...}})."""
+    """Run ids the sweep's manifest.json (written by asbatch.launch) records as submitted, if it has one."""
     path = sweep_dir / "manifest.json"
     if not path.is_file():
         return []
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    runs = data.get("runs", []) if isinstance(data, dict) else data
-    if isinstance(runs, dict):
-        return [str(k) for k in runs]
-    if not isinstance(runs, list):
-        return []
-    ids = []
-    for entry in runs:
-        if isinstance(entry, str):
-            ids.append(entry)
-        elif isinstance(entry, dict) and isinstance(entry.get("run_id"), str):
-            ids.append(entry["run_id"])
-    return ids
+    return list(dict.fromkeys(r["run_id"] for r in json.loads(path.read_text()).get("submissions", [])))
 
 
 def _looks_like_run_dir(path: Path) -> bool:

@@ -230,7 +230,7 @@ def trained_sweep(tmp_path_factory):
     (sweep_dir / "train-unfinished").mkdir()
     (sweep_dir / "train-unfinished" / "config.yaml").write_text("seed: 0\n")
     (sweep_dir / "manifest.json").write_text(json.dumps(
-        {"runs": [{"run_id": c.run_id} for c in configs] + [{"run_id": "train-notstarted"}]}))
+        {"submissions": [{"run_id": c.run_id} for c in configs] + [{"run_id": "train-notstarted"}]}))
     return sweep_dir, configs
 
 
