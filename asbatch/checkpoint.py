@@ -9,7 +9,6 @@ any checkpoint that is partial or unreadable.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -20,30 +19,9 @@ from typing import Any
 
 import torch
 
+from asbatch.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+
 PREFIX = "step-"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write a file through `write(fileobj)` to a temp name, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def fault_point(name: str, step: int) -> None:
@@ -79,7 +57,7 @@ def save(
     if rank == 0:
         atomic_write_json(tmp / "COMPLETE", {"step": step, "world_size": world_size})
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
         _prune(ckpt_root, keep)
     barrier()
     return final

@@ -56,6 +56,15 @@ def load_plan_or_exit(path: Path):
         sys.exit(2)
 
 
+def check_stages_or_exit(sweep, stages: tuple[str, ...], spec_path: Path) -> None:
+    """--stage names must be stages of the spec (exit code 2 otherwise)."""
+    unknown = set(stages) - {s.name for s in sweep.stages}
+    if unknown:
+        click.echo(f"error: --stage {sorted(unknown)[0]!r} is not a stage of {spec_path} "
+                   f"({', '.join(s.name for s in sweep.stages)})", err=True)
+        sys.exit(2)
+
+
 @main.command("run")
 @click.argument("spec_path", metavar="CONFIG_OR_SPEC", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @runs_root_option
@@ -72,11 +81,7 @@ def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> No
     from asbatch.train import train
 
     sweep = load_plan_or_exit(spec_path)
-    unknown = set(stages) - {s.name for s in sweep.stages}
-    if unknown:
-        click.echo(f"error: --stage {sorted(unknown)[0]!r} is not a stage of {spec_path} "
-                   f"({', '.join(s.name for s in sweep.stages)})", err=True)
-        sys.exit(2)
+    check_stages_or_exit(sweep, stages, spec_path)
     results = []
     for stage in sweep.stages:
         if stages and stage.name not in stages:
@@ -133,11 +138,7 @@ def submit_command(spec_path: Path, executor: str, dry_run: bool, stages: tuple[
     from asbatch.launch import LaunchError, submit
 
     sweep = load_plan_or_exit(spec_path)
-    unknown = set(stages) - {s.name for s in sweep.stages}
-    if unknown:
-        click.echo(f"error: --stage {sorted(unknown)[0]!r} is not a stage of {spec_path} "
-                   f"({', '.join(s.name for s in sweep.stages)})", err=True)
-        sys.exit(2)
+    check_stages_or_exit(sweep, stages, spec_path)
     try:
         manifest = submit(sweep, runs_root, executor=executor, stages=stages or None, dry_run=dry_run,
                           spec_path=spec_path)

@@ -52,6 +52,7 @@ from typing import Any
 
 import submitit
 
+from asbatch.fsutil import atomic_write_json
 from asbatch.spec import PlannedRun, Resources, StagePlan, Sweep
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
@@ -158,7 +159,7 @@ def _count_requeue(run_dir: Path, step: int | None, via: str) -> int | None:
     record["events"].append({"job_id": os.environ.get("SLURM_JOB_ID"), "array_task": _task_job_id(), "step": step,
                              "via": via, "at": _now()})
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, record)
+    atomic_write_json(path, record)
     return record["count"]
 
 
@@ -349,15 +350,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class StageSubmission:
     """One stage's array as submitted now (or, in a dry run, as it would be)."""
@@ -413,7 +405,7 @@ class Manifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(self.path, {"sweep": self.sweep, "spec": self.spec, "arrays": self.arrays,
+        atomic_write_json(self.path, {"sweep": self.sweep, "spec": self.spec, "arrays": self.arrays,
                                        "submissions": self.submissions})
 
     def latest(self) -> dict[str, dict[str, Any]]:

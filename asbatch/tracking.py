@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from asbatch.checkpoint import atomic_write_json
+from asbatch.fsutil import atomic_write_json
 from asbatch.config import RunConfig
 
 STATE_FILE = "wandb.json"

@@ -30,6 +30,7 @@ from asbatch.bayes import load_deterministic_state, noise_mode, sample_noise
 from asbatch.config import DataConfig, RunConfig
 from asbatch.data import DeviceLoader, loader_for
 from asbatch.evaluate import evaluate
+from asbatch.fsutil import atomic_write_bytes, atomic_write_json
 from asbatch.models import build_model
 from asbatch.spec import resolve_run_ref
 from asbatch.tracking import Tracker
@@ -167,7 +168,7 @@ class MetricsLog:
         if path.exists():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["epoch"] < resume_epoch]
-            checkpoint.atomic_write_bytes(path, lambda f: f.write("".join(k + "\n" for k in keep).encode()))
+            atomic_write_bytes(path, lambda f: f.write("".join(k + "\n" for k in keep).encode()))
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -366,7 +367,7 @@ class Trainer:
             ood_loader = loader_for(ood_data, "test", seed=0, device=self.device)
         evaluation = evaluate(self.inner, self.test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
                               score=ev.score)
-        checkpoint.atomic_write_bytes(self.run_dir / "model.pt", lambda f: torch.save(self.inner.state_dict(), f))
+        atomic_write_bytes(self.run_dir / "model.pt", lambda f: torch.save(self.inner.state_dict(), f))
         prog = self.prog
         return {
             "run_id": config.run_id, "sweep": config.sweep, "stage": config.stage,
@@ -417,7 +418,7 @@ def train(
             bar.close()
         results = trainer.results(wall_start)
         if main:
-            checkpoint.atomic_write_json(results_path, results)
+            atomic_write_json(results_path, results)
             tracker.finish(results)
     trainer.accelerator.wait_for_everyone()
     return results if main else json.loads(results_path.read_text())

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests_support import tiny_digits_config
 
 from asbatch.config import RunConfig
 from asbatch.plots import PNG_MAGIC, build_static_report, reliability_diagram, retained_curve
@@ -20,11 +21,7 @@ ANALYSIS = REPO / "analysis"
 
 
 def digits_config(**over) -> RunConfig:
-    base = {"sweep": "tiny", "data": {"name": "digits", "batch_size": 64, "test_batch_size": 360, "train_subset": 320},
-            "model": {"name": "mlp", "init_sigma": 0.01}, "optim": {"lr": 0.003},
-            "schedule": {"name": "cosine", "epochs": 1}, "eval": {"num_samples": 3}}
-    base.update(over)
-    return RunConfig.model_validate(base)
+    return tiny_digits_config("tiny", **over)
 
 
 @pytest.fixture(scope="module")

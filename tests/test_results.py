@@ -9,6 +9,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from tests_support import tiny_digits_config
 
 from asbatch.config import RunConfig
 from asbatch.results import (DEFAULT_BY, Record, aggregate, csv_columns, default_grouping, flatten_evaluation,
@@ -205,11 +206,7 @@ def test_flatten_evaluation_keys_and_round_trip():
 
 
 def digits_config(**over) -> RunConfig:
-    base = {"sweep": "eq", "data": {"name": "digits", "batch_size": 64, "test_batch_size": 360, "train_subset": 320},
-            "model": {"name": "mlp", "init_sigma": 0.01}, "optim": {"lr": 0.003},
-            "schedule": {"name": "cosine", "epochs": 1}, "eval": {"num_samples": 3}}
-    base.update(over)
-    return RunConfig.model_validate(base)
+    return tiny_digits_config("eq", **over)
 
 
 @pytest.fixture(scope="module")
