@@ -10,33 +10,10 @@ import click
 
 from asbatch import __version__
 
-# Commands whose issue has not landed yet. They say so and exit 2 rather than pretend to work.
-PLANNED = {
-    "bench": "run the benchmarks",
-}
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asbatch")
 def main() -> None:
     """Train Bayesian neural networks with Adversarial Sampling on Slurm, locally or on a laptop."""
-
-
-def _planned(name: str, summary: str) -> click.Command:
-    @click.command(
-        name=name,
-        help=f"{summary[0].upper()}{summary[1:]}. (not yet implemented)",
-        short_help=f"{summary} (not yet implemented)",
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    )
-    def command() -> None:
-        raise click.UsageError(f"'asbatch {name}' is not yet implemented")
-
-    return command
-
-
-for _name, _summary in PLANNED.items():
-    main.add_command(_planned(_name, _summary))
 
 
 def runs_root_option(f):
@@ -386,3 +363,16 @@ def data_download_command(name: str, root: str | None) -> None:
     from asbatch.data import download
 
     click.echo(f"{name} is in {download(name, root)}")
+
+
+@main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench_command(ctx: click.Context) -> None:
+    """Run the benchmarks (`python -m benchmarks` in the source checkout; --quick, --markdown PATH, ...)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "benchmarks" / "__main__.py").is_file():
+        click.echo("error: benchmarks/ ships with the source checkout, not with an installed package", err=True)
+        sys.exit(2)
+    sys.exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], cwd=repo))

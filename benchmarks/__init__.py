@@ -1,0 +1,1 @@
+"""Performance benchmarks of asbatch: `python -m benchmarks` (see README.md)."""
