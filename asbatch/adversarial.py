@@ -27,6 +27,12 @@ from torch import nn
 from asbatch.bayes import frozen_bn_stats, kl_divergence, sample_noise, set_noise
 
 
+def ascend(eps: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], alpha: float) -> list[torch.Tensor]:
+    """One step eps + alpha * sign(grad), detached; NaN entries (fp16 overflow) and missing grads do not move."""
+    return [(e + alpha * g.nan_to_num(nan=0.0).sign()).detach() if g is not None else e.detach()
+            for e, g in zip(eps, grads)]
+
+
 def adversarial_noise(
     model: nn.Module,
     x: torch.Tensor,
@@ -52,7 +58,7 @@ def adversarial_noise(
             set_noise(model, leaves)
             loss = F.cross_entropy(model(x), y)
             grads = torch.autograd.grad(loss * loss_scale, leaves)
-            eps = [(e + alpha * g.nan_to_num(nan=0.0).sign()).detach() for e, g in zip(leaves, grads)]
+            eps = ascend(leaves, grads, alpha)
     set_noise(model, eps)
     return eps
 
@@ -91,33 +97,39 @@ def as_step(
     Pass `backward=accelerator.backward` and `no_sync=lambda: accelerator.no_sync(model)` under Accelerate.
 
     lambda = 0 is exactly a plain Bayes-by-backprop step: one forward, no inner passes. lambda = 1 skips L_pred.
+    For 0 < lambda < 1 the prediction pass also provides the first ascent direction (eps_0 requires grad in
+    it), so a step costs N + 1 forward/backward passes, not N + 2; the result is the same.
     The optimizer step and zero_grad are the caller's.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     inner = inner_model if inner_model is not None else model
     eps0 = sample_noise(inner, generator)
-    eps_adv = adversarial_noise(inner, x, y, eps0, steps, alpha, loss_scale) if lam > 0 else None
 
-    passes: list[tuple[str, float, list[torch.Tensor]]] = []
-    if lam < 1:
-        passes.append(("pred", 1.0 - lam, eps0))
-    if lam > 0:
-        passes.append(("adv", lam, eps_adv))
-    losses: dict[str, torch.Tensor] = {}
-    for i, (name, weight, eps) in enumerate(passes):
-        last = i == len(passes) - 1
+    def outer_pass(eps: list[torch.Tensor], weight: float, last: bool):
+        """A training forward + backward of weight * CE at `eps`; the last one adds the KL and syncs DDP."""
         set_noise(inner, eps)
         with contextlib.nullcontext() if last else no_sync():
             logits = model(x)
-            losses[name] = F.cross_entropy(logits, y)
-            loss = weight * losses[name]
-            if last:
-                kl = kl_divergence(inner)
-                loss = loss + kl_weight * kl
-            backward(loss)
-    pred, adv = losses.get("pred"), losses.get("adv")
-    total = sum(w * losses[n] for n, w, _ in passes) + kl_weight * kl
+            ce = F.cross_entropy(logits, y)
+            kl = kl_divergence(inner) if last else None
+            backward(weight * ce + kl_weight * kl if last else weight * ce)
+        return ce, logits, kl
+
+    pred = adv = None
+    start, ascent_steps = eps0, steps
+    if lam < 1:
+        # With eps_0 as leaves, the prediction pass's backward also yields dL/deps at eps_0 (the train-mode
+        # forward normalises with batch statistics, as the inner passes do): the first ascent step for free.
+        reuse = lam > 0 and steps > 0
+        leaves = [e.clone().requires_grad_(True) for e in eps0] if reuse else eps0
+        pred, logits, kl = outer_pass(leaves, 1.0 - lam, last=lam == 0)
+        if reuse:
+            start, ascent_steps = ascend(eps0, [e.grad for e in leaves], alpha), steps - 1
+    if lam > 0:
+        eps_adv = adversarial_noise(inner, x, y, start, ascent_steps, alpha, loss_scale)
+        adv, logits, kl = outer_pass(eps_adv, lam, last=True)
+    total = (0.0 if pred is None else (1.0 - lam) * pred) + (0.0 if adv is None else lam * adv) + kl_weight * kl
     return StepLosses(
         total=total.detach(),
         pred=None if pred is None else pred.detach(),

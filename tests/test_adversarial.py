@@ -138,6 +138,15 @@ def test_lambda_one_skips_the_prediction_pass():
     assert len(calls) == 5 + 1 and out.pred is None and out.adv is not None
 
 
+def test_mixed_lambda_reuses_the_prediction_pass_as_the_first_ascent_step():
+    # N = 5 ascent directions from 4 inner passes + the prediction pass, then the adversarial pass: 6 forwards
+    x, y = batch(8, (2, 4, 4))
+    net = conv_bnn()
+    calls = count_forwards(net)
+    as_step(net, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=0.0)
+    assert len(calls) == 5 + 1
+
+
 def test_lambda_outside_unit_interval_is_rejected():
     with pytest.raises(ValueError, match="lambda must be in"):
         as_step(linear_bnn(), *batch(), lam=1.5, steps=1, alpha=0.1, kl_weight=0.0)
