@@ -263,19 +263,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Per-example random crop of the zero-padded batch, and horizontal flip, in one gather (no loop).
+    """Per-example random crop of the zero-padded batch, and horizontal flip, without a loop.
 
     images: B x C x H x W; offsets: B x 2 (top, left) in [0, 2 * pad]; flips: B bool. Same dtype out.
+    `unfold` views every crop window of the padded batch without copying; one index picks each example's.
     """
     b, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
-    dev = images.device
-    rows = offsets[:, :1] + torch.arange(h, device=dev)  # B x H
-    cols = offsets[:, 1:] + torch.arange(w, device=dev)  # B x W
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns right to left
-    batch = torch.arange(b, device=dev)[:, None, None, None]
-    chans = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+    if not pad:
+        return torch.where(flips[:, None, None, None], images.flip(3), images)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # B x C x (2p+1) x (2p+1) x H x W, a view
+    crops = windows[torch.arange(b, device=images.device), :, offsets[:, 0], offsets[:, 1]]  # B x C x H x W
+    return torch.where(flips[:, None, None, None], crops.flip(3), crops)
 
 
 class DeviceLoader:
@@ -363,7 +362,7 @@ class DeviceLoader:
                 x, y = self.images[lo:hi], self.labels[lo:hi]
             else:
                 idx = plan.order[lo:hi]
-                x, y = self.images[idx], self.labels[idx]
+                x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
                 if self.augment:
                     x = crop_flip(x, plan.offsets[lo:hi], plan.flips[lo:hi], self.pad)
             yield self.normalize(x), y

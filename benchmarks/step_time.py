@@ -50,7 +50,7 @@ def run(quick: bool = False) -> Row:
     times.per_unit("plain", plain_reps)
     ratio = times.ratio("as", "plain")
     as_s, plain_s = times.median("as"), times.median("plain")
-    passes = STEPS + 2  # N inner forward+backward passes, plus the prediction and the adversarial pass
+    passes = STEPS + 1  # N - 1 inner passes, the prediction pass (which also gives ascent step 1), the adversarial pass
     note = (f"AS {as_s * 1e3:.0f} ms, plain {plain_s * 1e3:.0f} ms per step; {times.describe('as', 'plain')}. "
             f"AS does {passes} forward+backward passes vs 1, and each inner pass costs a full backward: "
             f"dL/deps = sigma * dL/dw needs dL/dw of every layer")
