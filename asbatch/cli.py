@@ -322,15 +322,39 @@ def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, run
 
 @main.command("report")
 @click.argument("sweep")
+@click.option("--wandb/--no-wandb", "to_wandb", default=None,
+              help="also save a W&B Report (default: when W&B is online, i.e. an API key and a route to it)")
 @runs_root_option
-def report_command(sweep: str, runs_root: Path) -> None:
-    """Write the sweep's report (tables + plots) as report.md / report.html with PNGs into <sweep>/report/.
-
-    A W&B report through the wandb-workspaces API is not built (see the README); the static page has the
-    same panels and can be attached to a W&B run or shared as files."""
+def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
+    """Write the sweep's report (tables + plots) as report.md / report.html with PNGs into <sweep>/report/,
+    and, when W&B is online, save a W&B Report with the tables and panels over the sweep's runs."""
     from asbatch.plots import build_static_report
+    from asbatch.results import load_records, sweep_tables
+    from asbatch.tracking import resolve_mode
 
-    click.echo(build_static_report(_run_dirs_of(runs_root, sweep)))
+    sweep_dir = _run_dirs_of(runs_root, sweep)
+    click.echo(build_static_report(sweep_dir))
+    if to_wandb is None:
+        to_wandb = resolve_mode("auto") == "online"
+    if not to_wandb:
+        click.echo("W&B offline: no W&B Report saved (run `asbatch report --wandb` where W&B is online)", err=True)
+        return
+    from asbatch.wandb_report import build_wandb_report
+
+    tracking = _tracking_of(sweep_dir)
+    records = load_records(sweep_dir)
+    report = build_wandb_report(sweep_dir.name, tracking.get("project", "asbatch"), tracking.get("entity"),
+                                sweep_tables(records, fmt="md"))
+    click.echo(report.save().url)
+
+
+def _tracking_of(sweep_dir: Path) -> dict:
+    """The tracking section of any finished run of the sweep (project and entity of its W&B runs)."""
+    import json
+
+    for results in sorted(sweep_dir.glob("*/results.json")):
+        return json.loads(results.read_text())["config"]["tracking"]
+    return {}
 
 
 @main.command("sync")

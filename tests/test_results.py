@@ -279,3 +279,19 @@ def test_run_dirs_and_the_wandb_stand_in_give_identical_records(trained_sweep):
     assert records_from_wandb(api, "me/asbatch", "eq") == records_from_run_dirs(sweep_dir)  # without history
     assert all(r.history is None for r in records_from_run_dirs(sweep_dir))
     assert [len(r.history) for r in local] == [1, 1] and "train_loss" in local[0].history[0]
+
+
+def test_wandb_report_holds_the_tables_and_panels_over_the_sweeps_runs():
+    """Built, not saved: saving needs a W&B server, which cannot run here."""
+    import wandb_workspaces.reports.v2 as wr
+
+    from asbatch.wandb_report import build_wandb_report
+
+    report = build_wandb_report("c10", project="asbatch", entity="lab", tables_md="| Model | x |\n|--|--|\n")
+    assert report.entity == "lab" and report.project == "asbatch" and "c10" in report.title
+    markdown = [b for b in report.blocks if isinstance(b, wr.MarkdownBlock)]
+    assert markdown and "| Model | x |" in markdown[0].text
+    (grid,) = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
+    assert grid.runsets[0].filters == "Config('sweep') = 'c10'"
+    plotted = {m for p in grid.panels for m in getattr(p, "y", []) + getattr(p, "metrics", [])}
+    assert {"test_acc_mean", "evaluation/ensemble_accuracy", "evaluation/lowest_accuracy"} <= plotted
