@@ -7,7 +7,7 @@ per stage means 2 calls). The arrays are scancelled right after. Needs `asbatch.
 PATH and SLURM_CONF set; otherwise the row is skipped and says why (never a PASS).
 
 `bench_analysis`: 1000 run dirs, each with a results.json shaped like train.py's; time loading all of them,
-`asbatch.results.run_row` on each, and the aggregation `asbatch table` does (records -> mean / std over
+`asbatch.results.record_from_results` on each, and the aggregation `asbatch table` does (records -> mean / std over
 seeds -> the paper's tables), or a plain mean / std over seeds where asbatch.results has no such pipeline.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import re
 import shutil
@@ -23,7 +22,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import yaml
@@ -155,25 +153,14 @@ def write_run_dirs(root: Path, n: int) -> None:
 
 
 def analyse(sweep_dir: Path) -> str:
-    """Load every finished run, flatten it with run_row, aggregate over seeds; returns what was aggregated."""
+    """Load every finished run, flatten it into a Record, aggregate over seeds and format the tables:
+    what `asbatch table` does."""
     from asbatch import results as R
 
-    loaded = [r for d in sorted(sweep_dir.iterdir()) if (r := R.load_results(d)) is not None]
-    rows = [R.run_row(r) for r in loaded]
-    if hasattr(R, "record_from_results") and hasattr(R, "sweep_tables"):
-        # the project's own analysis: what `asbatch table` prints
-        records = [R.record_from_results(r) for r in loaded]
-        groups = R.aggregate(records, by=R.default_grouping(records))
-        R.sweep_tables(records)
-        return f"{len(rows)} run_rows; asbatch.results aggregate + sweep_tables: {len(groups)} groups"
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["stage"], row["data"], row["model"], row["lam"])].append(row)
-    metrics = [k for k, v in rows[0].items() if isinstance(v, float) and k != "lam"]
-    summary = {key: {m: (statistics.fmean(r[m] for r in members),
-                         statistics.stdev(r[m] for r in members) if len(members) > 1 else math.nan)
-                     for m in metrics} for key, members in groups.items()}
-    return f"{len(rows)} run_rows; mean/std over seeds: {len(summary)} groups"
+    records = [R.record_from_results(r) for d in sorted(sweep_dir.iterdir()) if (r := R.load_results(d)) is not None]
+    groups = R.aggregate(records, by=R.default_grouping(records))
+    R.sweep_tables(records)
+    return f"{len(records)} records; asbatch.results aggregate + sweep_tables: {len(groups)} groups"
 
 
 def bench_analysis(quick: bool = False) -> Row:
