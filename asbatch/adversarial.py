@@ -30,7 +30,7 @@ from asbatch.bayes import frozen_bn_stats, kl_divergence, sample_noise, set_nois
 def ascend(eps: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], alpha: float) -> list[torch.Tensor]:
     """One step eps + alpha * sign(grad), detached; NaN entries (fp16 overflow) and missing grads do not move."""
     return [(e + alpha * g.nan_to_num(nan=0.0).sign()).detach() if g is not None else e.detach()
-            for e, g in zip(eps, grads)]
+            for e, g in zip(eps, grads, strict=True)]
 
 
 def adversarial_noise(

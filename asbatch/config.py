@@ -12,12 +12,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from asbatch.names import DATASETS, MODELS, OOD_DATASETS, check_name
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(Section):
-    name: Literal["cifar10", "cifar100", "svhn", "digits", "synthetic"] = "digits"
+    name: Literal[DATASETS] = "digits"
     root: str | None = Field(None, description="data root; default $ASBATCH_DATA or ./data")
     batch_size: int = Field(128, gt=0, description="global batch size (split across processes)")
     test_batch_size: int = Field(1000, gt=0)
@@ -29,8 +32,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-                  "vgg11", "vgg13", "vgg16", "vgg19"] = "resnet20"
+    name: Literal[MODELS] = "resnet20"
     bayesian: bool = True
     width: int | None = Field(None, gt=0, description="channel width of the first stage (smaller = faster)")
     init_sigma: float = Field(0.15, gt=0)
@@ -67,7 +69,7 @@ class EvalConfig(Section):
     num_samples: int = Field(10, gt=0, description="S weight samples in the final evaluation")
     seed: int = 0
     score: Literal["entropy", "mutual_information", "max_prob"] = "entropy"
-    ood: Literal["cifar10", "cifar100", "svhn", "synthetic"] | None = None
+    ood: Literal[OOD_DATASETS] | None = None
 
 
 class TrackingConfig(Section):
@@ -96,10 +98,7 @@ class RunConfig(Section):
     @field_validator("sweep", "stage")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        # names become directory names, Slurm job names and W&B groups
-        if not v or not all(c.isalnum() or c in "-_." for c in v) or v.startswith("."):
-            raise ValueError(f"must be letters, digits, '-', '_' or '.', got {v!r}")
-        return v
+        return check_name(v)  # names become directory names, Slurm job names and W&B groups
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from asbatch.config import DataConfig
+from asbatch.names import AUGMENTED_BY_DEFAULT, DATASETS, derived_seed
 
-NAMES: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "test")
-DOWNLOADABLE: tuple[str, ...] = ("cifar10", "cifar100", "svhn")
 
 # Per-channel mean/std of the train splits, in [0, 1] pixel units (true std, not the often-copied 0.2023...).
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -42,7 +41,6 @@ _CIFAR10_DIR = "cifar-10-batches-py"
 _CIFAR100_DIR = "cifar-100-python"
 _SVHN_DIR = "svhn"
 _DIGITS_TEST = 360
-_SEED_STRIDE = 1_000_003  # prime stride: (seed, epoch) pairs map to distinct generator seeds for epoch < stride
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -115,8 +113,8 @@ def _require(path: Path, name: str, root: Path) -> Path:
 
 def _unpickle(path: Path) -> dict[str, Any]:
     """A CIFAR batch file as a dict with str keys (the files were pickled by Python 2, keys are bytes)."""
-    with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
+    with path.open("rb") as f:
+        raw = pickle.load(f, encoding="bytes")  # noqa: S301 - the CIFAR format is a pickle from the user's data root
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
@@ -188,7 +186,7 @@ def synthetic(split: str, *, num_classes: int = 10, image_shape: tuple[int, int,
     protos = torch.rand((num_classes, *image_shape), generator=torch.Generator().manual_seed(seed)) * 255
 
     def draw(n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed * _SEED_STRIDE + stream)
+        g = torch.Generator().manual_seed(derived_seed(seed, stream))
         labels = torch.randint(0, num_classes, (n,), generator=g)
         x = protos[labels] + noise * torch.randn((n, *image_shape), generator=g)
         return x.round().clamp(0, 255).to(torch.uint8), labels
@@ -218,7 +216,7 @@ def load(name: str, split: str, root: str | os.PathLike[str] | None = None) -> D
         return _load_digits(split)
     if name == "synthetic":
         return synthetic(split)
-    raise ValueError(f"unknown data set {name!r}; expected one of {NAMES}")
+    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
 
 
 def load_for(config: DataConfig, split: str) -> Dataset:
@@ -240,8 +238,8 @@ def download(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     elif name == "svhn":
         for split in SPLITS:
             tvd.SVHN(str(base / _SVHN_DIR), split=split, download=True)
-    elif name not in NAMES:
-        raise ValueError(f"unknown data set {name!r}; expected one of {NAMES}")
+    elif name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
     # digits ships with scikit-learn and synthetic is generated: nothing to fetch
     return base
 
@@ -259,7 +257,7 @@ class EpochPlan(NamedTuple):
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The generator seed of an epoch; the same on every rank, so all ranks agree on the permutation."""
-    return (seed * _SEED_STRIDE + epoch) % 2**63
+    return derived_seed(seed, epoch)
 
 
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
@@ -268,7 +266,7 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, 
     images: B x C x H x W; offsets: B x 2 (top, left) in [0, 2 * pad]; flips: B bool. Same dtype out.
     `unfold` views every crop window of the padded batch without copying; one index picks each example's.
     """
-    b, c, h, w = images.shape
+    b, _c, h, w = images.shape
     if not pad:
         return torch.where(flips[:, None, None, None], images.flip(3), images)
     padded = F.pad(images, (pad, pad, pad, pad))
@@ -377,7 +375,7 @@ class DeviceLoader:
 
 def default_augment(config: DataConfig) -> bool:
     """Crop + flip unless the config says otherwise; on by default for CIFAR only (digits must not flip)."""
-    return config.augment if config.augment is not None else config.name in ("cifar10", "cifar100")
+    return config.augment if config.augment is not None else config.name in AUGMENTED_BY_DEFAULT
 
 
 def loader_for(config: DataConfig, split: str, *, seed: int, device: torch.device | str, rank: int = 0,

@@ -21,11 +21,11 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
     """Write a file through `write(fileobj)` to a temp name, fsync, then rename over `path` (the temp name
     carries the pid, so concurrent writers never share one)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
+    with tmp.open("wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.replace(path)
     fsync_dir(path.parent)
 
 

@@ -81,7 +81,7 @@ def noise_mode(model: nn.Module, mode: NoiseMode) -> Iterator[None]:
     try:
         yield
     finally:
-        for (_, _, g), m in zip(weights, before):
+        for (_, _, g), m in zip(weights, before, strict=True):
             g.mode = m
 
 
@@ -105,7 +105,7 @@ def set_noise(model: nn.Module, eps: Sequence[torch.Tensor]) -> None:
     weights = bayesian_weights(model)
     if len(eps) != len(weights):
         raise ValueError(f"expected {len(weights)} eps tensors, got {len(eps)}")
-    for (module, name, g), e in zip(weights, eps):
+    for (module, name, g), e in zip(weights, eps, strict=True):
         if e.shape != g.log_sigma.shape:
             raise ValueError(f"eps for {name} of {module.__class__.__name__} has shape {tuple(e.shape)}, "
                              f"expected {tuple(g.log_sigma.shape)}")

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
 from asbatch.bayes import make_bayesian
 from asbatch.models.mlp import mlp
 from asbatch.models.resnet import cifar_resnet
-from asbatch.models.vgg import VGG_CONFIGS, vgg
+from asbatch.models.vgg import vgg
+from asbatch.names import RESNET_DEPTHS, VGG_NAMES
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
-    **{f"resnet{depth}": (lambda d: lambda **kw: cifar_resnet(d, **kw))(depth) for depth in (20, 32, 44, 56, 110)},
-    **{name: (lambda n: lambda **kw: vgg(n, **kw))(name) for name in VGG_CONFIGS},
+    **{f"resnet{depth}": partial(cifar_resnet, depth) for depth in RESNET_DEPTHS},
+    **{name: partial(vgg, name) for name in VGG_NAMES},
 }
 
 

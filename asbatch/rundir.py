@@ -1,0 +1,270 @@
+"""`RunDir` and `SweepDir`: the only code that knows the names and layout of run dirs and sweep dirs.
+
+    <runs root>/<sweep>/                  SweepDir
+        manifest.json                     what was submitted (asbatch.launch.manifest)
+        .submit.lock                      serialises submit / retry / cancel of the sweep
+        .slurm/<job id>/                  submitit's files and the jobs' stdout / stderr
+        report/                           `asbatch report`
+        <run id>/                         RunDir
+            config.yaml                   the resolved RunConfig (written when the run starts)
+            metrics.jsonl                 one line per finished epoch
+            checkpoints/step-*/           asbatch.train.checkpoint
+            model.pt                      final weights
+            results.json                  written last: the run is finished
+            wandb/ wandb.json             W&B files and what W&B holds / what was synced
+            requeues.json                 the task's own requeues
+            <figure>.png                  per-run figures logged to W&B
+
+Modelled on submitit's `JobPaths`: one object names every file; everyone else asks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from asbatch.fsutil import atomic_write_json
+from asbatch.names import RUN_ID
+
+RUN_REF_PREFIX = "run:"
+RESULTS = "results.json"  # written last: a run with it is finished (messages name it too)
+
+
+class RunDirError(ValueError):
+    """A file of a run or sweep dir is damaged; the message names the file."""
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path}: cannot be read as JSON ({err})") from None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one training run."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    # ------------------------------------------------------------------------------------------- paths
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def wandb_dir(self) -> Path:
+        return self.path / "wandb"
+
+    @property
+    def wandb_state_file(self) -> Path:
+        return self.path / "wandb.json"
+
+    @property
+    def requeues_file(self) -> Path:
+        return self.path / "requeues.json"
+
+    def figure(self, name: str) -> Path:
+        return self.path / f"{name}.png"
+
+    # ------------------------------------------------------------------------------------------- state
+    def is_finished(self) -> bool:
+        """results.json exists: the run is done and is never trained again."""
+        return self.results_file.is_file()
+
+    def is_started(self) -> bool:
+        return self.config_file.is_file()
+
+    def looks_like_run(self) -> bool:
+        return self.path.is_dir() and any(p.exists() for p in (self.results_file, self.config_file, self.checkpoints))
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> dict[str, Any] | None:
+        if not self.config_file.is_file():
+            return None
+        return yaml.safe_load(self.config_file.read_text()) or {}
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        atomic_write_json(self.results_file, results)
+
+    def read_results(self) -> dict[str, Any] | None:
+        """The run's results.json, or None while it has not finished."""
+        return read_json(self.results_file) if self.results_file.is_file() else None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The per-epoch rows of metrics.jsonl ([] before the first epoch ends)."""
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def read_wandb_state(self) -> dict[str, Any] | None:
+        return read_json(self.wandb_state_file) if self.wandb_state_file.is_file() else None
+
+    def write_wandb_state(self, state: dict[str, Any]) -> None:
+        atomic_write_json(self.wandb_state_file, state)
+
+    def read_requeues(self) -> dict[str, Any]:
+        """{"count": n, "events": [...]}: how often the task requeued itself."""
+        if not self.requeues_file.is_file():
+            return {"count": 0, "events": []}
+        return read_json(self.requeues_file)
+
+    def write_requeues(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.requeues_file, record)
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """The files of one sweep: its runs, its manifest, its lock, its Slurm logs and its report."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @classmethod
+    def at(cls, runs_root: str | Path, sweep: str) -> SweepDir:
+        return cls(Path(runs_root) / sweep)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def runs_root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".submit.lock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / ".slurm"
+
+    @property
+    def job_folder(self) -> Path:
+        """submitit's folder pattern: one dir per job (`%j` is the job id)."""
+        return self.log_dir / "%j"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+    def is_submitted(self) -> bool:
+        return self.manifest_file.is_file()
+
+    def submitted_run_ids(self) -> list[str]:
+        """Run ids the manifest records as submitted, in first-submission order ([] without a manifest)."""
+        if not self.manifest_file.is_file():
+            return []
+        submissions = read_json(self.manifest_file).get("submissions", [])
+        return list(dict.fromkeys(s["run_id"] for s in submissions))
+
+    def run(self, run_id: str) -> RunDir:
+        return RunDir(self.path / run_id)
+
+    def runs(self) -> list[RunDir]:
+        """Every dir under the sweep that holds a run (started or finished), sorted by run id."""
+        if not self.path.is_dir():
+            return []
+        return [RunDir(p) for p in sorted(self.path.iterdir()) if RunDir(p).looks_like_run()]
+
+    def job_logs(self, job_id: str, task: int = 0) -> tuple[Path, Path]:
+        """(stdout, stderr) that submitit writes for a job (`123_4`, `123` or a local pid) and task (rank)."""
+        from submitit.core.utils import JobPaths
+
+        paths = JobPaths(self.job_folder, job_id=job_id, task_id=task)
+        return paths.stdout, paths.stderr
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock on `.submit.lock`: read manifest -> submit -> write manifest is atomic with respect
+        to other submits, retries and cancels of the same sweep (other processes or threads)."""
+        from filelock import FileLock
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.lock_file):
+            yield
+
+
+def list_sweeps(runs_root: str | Path) -> list[SweepDir]:
+    """Sweep dirs under a runs root: those with a manifest (submitted) or with run dirs (`asbatch run`)."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    return [SweepDir(p) for p in sorted(root.iterdir())
+            if p.is_dir() and (SweepDir(p).is_submitted() or SweepDir(p).runs())]
+
+
+# ---------------------------------------------------------------------------------------------- run refs
+
+def run_ref(run_id: str) -> str:
+    """The `model.init_from` value that points at run `run_id` of the same sweep: 'run:<run id>'."""
+    return f"{RUN_REF_PREFIX}{run_id}"
+
+
+def ref_run_id(value: str) -> str | None:
+    """'run:<run id>' -> the run id (ValueError for a malformed one); any other value (a path) -> None."""
+    if not value.startswith(RUN_REF_PREFIX):
+        return None
+    run_id = value.removeprefix(RUN_REF_PREFIX)
+    if not RUN_ID.fullmatch(run_id):  # never let a reference climb out of the runs root
+        raise ValueError(f"bad run reference {value!r}: expected 'run:<stage>-<10 hex digits>'")
+    return run_id
+
+
+def resolve_init_from(value: str, sweep_dir: SweepDir) -> Path:
+    """`model.init_from` -> the file holding the weights: 'run:<id>' is that run's model.pt in the sweep; a
+    run dir is its model.pt; any other path is taken as a file."""
+    run_id = ref_run_id(value)
+    path = sweep_dir.run(run_id).path if run_id else Path(value).expanduser()
+    return RunDir(path).model_file if path.is_dir() or run_id else path
+
+
+_SEGMENT = re.compile(r"offline-run-.*")
+
+
+def offline_segments(run_dir: RunDir) -> list[Path]:
+    """The run's offline W&B segments, oldest first (their names start with the start time)."""
+    if not run_dir.wandb_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.wandb_dir.iterdir() if _SEGMENT.fullmatch(p.name))
