@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from asbatch.spec import load_plan
+from asbatch.spec import load_sweep
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -17,13 +17,13 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
     ("fine_tune_c100", {"pretrain": 9, "fine_tune": 18}),
 ])
 def test_shipped_spec_expands_to_the_promised_runs(name, stages):
-    sweep = load_plan(JOBS / f"{name}.yaml")
+    sweep = load_sweep(JOBS / f"{name}.yaml")
     assert {s.name: len(s.runs) for s in sweep.stages} == stages
     assert list(stages) == [s.name for s in sweep.stages]
 
 
 def test_fine_tune_runs_start_from_the_matching_pretrain_run():
-    sweep = load_plan(JOBS / "fine_tune_c100.yaml")
+    sweep = load_sweep(JOBS / "fine_tune_c100.yaml")
     pretrain = {r.run_id: r.config for r in sweep.stage("pretrain").runs}
     for run in sweep.stage("fine_tune").runs:
         upstream = pretrain[run.config.model.init_from.removeprefix("run:")]
@@ -33,7 +33,7 @@ def test_fine_tune_runs_start_from_the_matching_pretrain_run():
 
 def test_paper_specs_use_the_paper_settings():
     for name in ("train_c10", "train_c100"):
-        for run in load_plan(JOBS / f"{name}.yaml").runs:
+        for run in load_sweep(JOBS / f"{name}.yaml").runs:
             c = run.config
             assert (c.schedule.epochs, c.schedule.milestones, c.optim.name) == (200, (80, 140, 180), "adam")
             assert (c.adversarial.steps, c.adversarial.alpha) == (5, 0.02)

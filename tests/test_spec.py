@@ -9,8 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asbatch.spec import (MAX_RUNS, PROFILES_ENV, Resources, SpecError, expand, load_profile, load_spec,
-                          parse_spec, parse_time, resolve_run_ref, run_ref)
+from asbatch.rundir import SweepDir, ref_run_id, resolve_init_from, run_ref
+from asbatch.spec import (
+    MAX_RUNS,
+    PROFILES_ENV,
+    Resources,
+    SpecError,
+    expand,
+    load_profile,
+    load_spec,
+    parse_spec,
+    parse_time,
+)
 
 SPECS = Path(__file__).resolve().parent / "specs"
 BAD = sorted((SPECS / "bad").glob("*.yaml"))
@@ -245,7 +255,8 @@ def test_a_bad_profile_names_the_profile_and_the_field(tmp_path):
 
 
 def test_run_refs_resolve_inside_the_runs_root(tmp_path):
-    assert resolve_run_ref("run:pretrain-0123456789", tmp_path, "s") == tmp_path / "s" / "pretrain-0123456789"
-    assert resolve_run_ref("/ckpt/x.pt", tmp_path, "s") == Path("/ckpt/x.pt")
+    sweep_dir = SweepDir.at(tmp_path, "s")
+    assert sweep_dir.run(ref_run_id("run:pretrain-0123456789")).path == tmp_path / "s" / "pretrain-0123456789"
+    assert resolve_init_from("/ckpt/x.pt", sweep_dir) == Path("/ckpt/x.pt")
     with pytest.raises(ValueError):
-        resolve_run_ref("run:../../etc", tmp_path, "s")
+        ref_run_id("run:../../etc")

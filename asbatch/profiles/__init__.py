@@ -1,0 +1,1 @@
+"""Cluster profiles shipped with asbatch (package data: `*.yaml`, read by asbatch.spec.resources)."""
