@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from asbatch.cli import main
 from asbatch.launch import Manifest, submit, sweep_status
-from asbatch.spec import load_plan
+from asbatch.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_SPECS = REPO / "tests" / "specs" / "bad"
@@ -188,12 +188,12 @@ def time_limit_run(local_slurm, releaser, tmp_path_factory):
     root = tmp_path_factory.mktemp("time_limit")
     spec = write_spec(root / "spec.yaml", "time_limit", defaults=LONG,
                       stages={"train": {"config": {"adversarial": {"lam": 0.8}}, "resources": {"time": 1}}})
-    sweep = load_plan(spec)
+    sweep = load_sweep(spec)
     with mock.patch.dict(os.environ, {"ASBATCH_SIGNAL_DELAY_S": "25"}):
         manifest = submit(sweep, root / "runs", executor="slurm", spec_path=spec)
-    releaser.watch(*manifest.job_ids())
+    releaser.watch(*(r.job_id for r in manifest.latest().values()))
     yield manifest, sweep.runs[0].config
-    subprocess.run(["scancel", *{r["array_job_id"] for r in manifest.submissions}], check=False, capture_output=True)
+    subprocess.run(["scancel", *{r.array_job_id for r in manifest.submissions}], check=False, capture_output=True)
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -210,7 +210,7 @@ def test_dry_run_prints_runs_and_sbatch_parameters_and_submits_nothing(local_slu
 
     assert result.exit_code == 0, result.output
     assert "dry run" in result.output and "nothing submitted" in result.output
-    for run in load_plan(spec).runs:
+    for run in load_sweep(spec).runs:
         assert run.run_id in result.output
     for flag in ("--job-name=dry:pretrain", "--job-name=dry:fine_tune", "--partition=debug", "--time=5",
                  "--mem=1GB", "--cpus-per-task=1", "--ntasks-per-node=1", "--array=0-1%2", "--signal=USR2@90",
@@ -218,6 +218,29 @@ def test_dry_run_prints_runs_and_sbatch_parameters_and_submits_nothing(local_slu
         assert flag in result.output, flag
     assert queue(tmp_path, since) == []
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slurm
+def test_dry_run_flags_are_the_sbatch_lines_of_the_scripts_submitit_writes(local_slurm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path / "spec.yaml", "script", TWO_STAGES, grid={"seed": [0, 1]})
+    dry = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", dry_run=True)
+    real = submit(load_sweep(spec), tmp_path / "runs", executor="slurm")
+    sh("scancel", *(a.array_job_id for a in real.arrays))
+
+    for planned, submitted in zip(dry.submitted, real.submitted, strict=True):
+        array = submitted.array_job_id
+        script = (tmp_path / "runs" / "script" / ".slurm" / array / f"{array}_submission.sh").read_text()
+        written = {line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")}
+        arrays = {f"<{a.stage} array>": a.array_job_id for a in real.arrays}
+        flags = set()
+        for flag in planned.flags:
+            for placeholder, job in arrays.items():
+                flag = flag.replace(placeholder, job)
+            flags.add(flag)
+        assert {f for f in flags if f.startswith("--")} <= written
+        assert written - flags <= {"--open-mode=append", "--wckey=submitit"}, written - flags
+        assert all(f in script.splitlines() for f in flags if f.startswith("export "))
 
 
 @pytest.mark.slurm
@@ -250,16 +273,16 @@ def test_two_stages_become_two_arrays_in_order_and_a_resubmit_submits_nothing(lo
 
     assert result.exit_code == 0, result.output
     manifest = Manifest.load(root / "two_stages")
-    arrays = {a["stage"]: a["array_job_id"] for a in manifest.arrays}
+    arrays = {a.stage: a.array_job_id for a in manifest.arrays}
     assert list(arrays) == ["pretrain", "fine_tune"] and len(set(arrays.values())) == 2
     assert f"stage pretrain: array {arrays['pretrain']}, 2 runs" in result.output
-    assert sorted(s["array_job_id"] for s in manifest.submissions) == sorted([*arrays.values()] * 2)
+    assert sorted(s.array_job_id for s in manifest.submissions) == sorted([*arrays.values()] * 2)
     assert len(list((root / "two_stages" / ".slurm").glob("*/*_submission.sh"))) == 2, "one sbatch per stage"
     dependency = sh("scontrol", "show", "job", "-o", arrays["fine_tune"])
     assert f"Dependency=afterok:{arrays['pretrain']}" in dependency, dependency
-    assert {s["wandb_id"] for s in manifest.submissions} == {s["run_id"] for s in manifest.submissions}
+    assert {s.wandb_id for s in manifest.submissions} == {s.run_id for s in manifest.submissions}
 
-    run_dirs = [Path(s["run_dir"]) for s in manifest.submissions]
+    run_dirs = [Path(s.run_dir) for s in manifest.submissions]
     wait_for_results(run_dirs, 120)
 
     rows = sacct(arrays.values(), "JobID,State,Start,End")
@@ -274,7 +297,7 @@ def test_two_stages_become_two_arrays_in_order_and_a_resubmit_submits_nothing(lo
     assert all(r.epochs_done == 2 and r.test_acc is not None for r in done.runs)
     status = runner.invoke(main, ["status", "two_stages", "--runs-root", str(root)], terminal_width=200)
     assert status.exit_code == 0 and status.output.count("COMPLETED") >= 4, status.output
-    logs = runner.invoke(main, ["logs", manifest.submissions[-1]["run_id"], "--runs-root", str(root)])
+    logs = runner.invoke(main, ["logs", manifest.submissions[-1].run_id, "--runs-root", str(root)])
     assert logs.exit_code == 0 and "Job completed successfully" in logs.output, logs.output
 
     before, manifest_bytes = queue(tmp_path, since), (root / "two_stages" / "manifest.json").read_bytes()
@@ -300,10 +323,10 @@ def test_concurrent_submits_of_one_spec_submit_each_run_once(local_slurm, tmp_pa
 
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     manifest = Manifest.load(root / "concurrent")
-    run_ids = [s["run_id"] for s in manifest.submissions]
-    assert sorted(run_ids) == sorted(r.run_id for r in load_plan(spec).runs), "each run submitted once"
+    run_ids = [s.run_id for s in manifest.submissions]
+    assert sorted(run_ids) == sorted(r.run_id for r in load_sweep(spec).runs), "each run submitted once"
     assert len(manifest.arrays) == 1
-    array = manifest.arrays[0]["array_job_id"]
+    array = manifest.arrays[0].array_job_id
     jobs = queue(tmp_path, since)
     assert [q.split("|")[0] for q in jobs] == [f"{array}_{task}" for task in range(3)], jobs
     assert sum("nothing to submit" in out for out in outputs) == 2, outputs
@@ -322,7 +345,7 @@ def test_retry_resubmits_failed_runs_and_the_runs_stuck_behind_them(local_slurm,
     spec = write_spec(tmp_path / "spec.yaml", "flaky", TWO_STAGES, grid={"seed": [0, 1]})
     root = tmp_path / "runs"
     monkeypatch.setenv("ASBATCH_FAULT", "step:3")  # sbatch exports it: every pretrain task dies at step 3
-    first = submit(load_plan(spec), root, executor="slurm", spec_path=spec)
+    first = submit(load_sweep(spec), root, executor="slurm", spec_path=spec)
     monkeypatch.delenv("ASBATCH_FAULT")
     stuck = wait_for(lambda: (st := sweep_status(root / "flaky")) and [r.state for r in st.runs] == [
         "FAILED", "FAILED", "PENDING", "PENDING"] and all(r.blocked for r in st.runs[2:]) and st, 90,
@@ -334,11 +357,11 @@ def test_retry_resubmits_failed_runs_and_the_runs_stuck_behind_them(local_slurm,
     assert result.exit_code == 0, result.output
     manifest = Manifest.load(root / "flaky")
     old, new = first.arrays, manifest.arrays[len(first.arrays):]
-    assert [a["stage"] for a in new] == ["pretrain", "fine_tune"]
-    assert new[1]["dependency"] == f"afterok:{new[0]['array_job_id']}"
-    assert f"resubmitted 2 runs as {new[0]['array_job_id']}" in result.output
-    wait_for_results([Path(s["run_dir"]) for s in first.submissions], 120)
-    assert {row[1].split()[0] for row in sacct([old[1]["array_job_id"]])} == {"CANCELLED"}, "stuck tasks cancelled"
+    assert [a.stage for a in new] == ["pretrain", "fine_tune"]
+    assert new[1].dependency == f"afterok:{new[0].array_job_id}"
+    assert f"resubmitted 2 runs as {new[0].array_job_id}" in result.output
+    wait_for_results([Path(s.run_dir) for s in first.submissions], 120)
+    assert {row[1].split()[0] for row in sacct([old[1].array_job_id])} == {"CANCELLED"}, "stuck tasks cancelled"
     again = CliRunner().invoke(main, ["retry", "flaky", "--runs-root", str(root)])
     assert again.exit_code == 0 and "nothing to retry" in again.output
 
@@ -351,17 +374,17 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
     warning: save, the task requeues itself) of running tasks; both end identical to train() in-process."""
     stages = {"train": {"resources": {"time": 5}}}
     specs = {kind: write_spec(tmp_path / f"{kind}.yaml", kind, stages, defaults=MEDIUM) for kind in ("requeue", "usr2")}
-    manifests = {kind: submit(load_plan(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
+    manifests = {kind: submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
                  for kind, spec in specs.items()}
-    jobs = {kind: m.submissions[0]["job_id"] for kind, m in manifests.items()}
-    run_dirs = {kind: Path(m.submissions[0]["run_dir"]) for kind, m in manifests.items()}
+    jobs = {kind: m.submissions[0].job_id for kind, m in manifests.items()}
+    run_dirs = {kind: Path(m.submissions[0].run_dir) for kind, m in manifests.items()}
     releaser.watch(*jobs.values())
 
     for kind, action in (("requeue", ["scontrol", "requeue"]), ("usr2", ["scancel", "--signal=USR2"])):
         wait_for(lambda run_dir=run_dirs[kind]: epochs_done(run_dir) >= 2, 90, f"{kind}: 2 epochs", every=0.1)
         assert not (run_dirs[kind] / "results.json").exists()
         sh(*action, jobs[kind])
-    reference = train_reference(load_plan(specs["requeue"]).runs[0].config, tmp_path / "reference")
+    reference = train_reference(load_sweep(specs["requeue"]).runs[0].config, tmp_path / "reference")
     wait_for_results(run_dirs.values(), 120)
 
     for kind, run_dir in run_dirs.items():
@@ -380,15 +403,15 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
 def test_a_two_node_run_trains_with_a_real_gloo_group(local_slurm, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", "two_nodes",
                       {"train": {"config": {"adversarial": {"lam": 0.8}}, "resources": {"time": 5, "nodes": 2}}})
-    manifest = submit(load_plan(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
-    run_dir = Path(manifest.submissions[0]["run_dir"])
+    manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
+    run_dir = Path(manifest.submissions[0].run_dir)
 
     wait_for_results([run_dir], 240)
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train"]["world_size"] == 2
     assert results["train"]["ranks_in_sync"] is True
-    job = manifest.submissions[0]["job_id"]
+    job = manifest.submissions[0].job_id
     assert sacct([job], "JobID,NNodes,NodeList")[0][1:] == ["2", "n[1-2]"]
 
 
@@ -396,8 +419,8 @@ def test_a_two_node_run_trains_with_a_real_gloo_group(local_slurm, tmp_path):
 @pytest.mark.slow
 def test_time_limit_usr2_saves_requeues_and_resumes_to_identical_results(local_slurm, tmp_path, time_limit_run):
     manifest, config = time_limit_run
-    run_dir = Path(manifest.submissions[0]["run_dir"])
-    job = manifest.submissions[0]["job_id"]
+    run_dir = Path(manifest.submissions[0].run_dir)
+    job = manifest.submissions[0].job_id
 
     reference = train_reference(config, tmp_path / "reference")
     wait_for_results([run_dir], 300)
@@ -414,15 +437,15 @@ def test_time_limit_usr2_saves_requeues_and_resumes_to_identical_results(local_s
 
 
 def test_resources_become_submitit_parameters(monkeypatch):
-    from asbatch.launch import executor_parameters
-    from asbatch.spec import Resources, StagePlan
+    from asbatch.launch.slurm import executor_parameters
+    from asbatch.spec import Resources, SweepStage
 
     monkeypatch.delenv("ASBATCH_SIGNAL_DELAY_S", raising=False)
     resources = Resources.model_validate({
         "partition": "gpu", "account": "proj", "qos": "high", "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8,
         "mem_gb": 1.5, "time": "02:00:00", "constraint": "a100|h100", "array_parallelism": 8,
         "extra": {"exclusive": True, "mail-type": "END"}})
-    stage = StagePlan("fine_tune", resources, ["pretrain"], [])
+    stage = SweepStage("fine_tune", resources, ["pretrain"], [])
 
     params = executor_parameters("c100", stage, {"OMP_NUM_THREADS": "8", "NOTE": "a b"}, "afterok:12")
 
@@ -435,9 +458,9 @@ def test_resources_become_submitit_parameters(monkeypatch):
 
 
 def test_job_lines_of_squeue_and_sacct_map_to_array_tasks():
-    from asbatch.launch import _parse_job_lines
+    from asbatch.launch.slurm import parse_job_lines
 
-    table = _parse_job_lines(["12_0|COMPLETED", "12_[1-3,5%2]|PENDING|Dependency", "13|CANCELLED by 0", "14|RUNNING"])
+    table = parse_job_lines(["12_0|COMPLETED", "12_[1-3,5%2]|PENDING|Dependency", "13|CANCELLED by 0", "14|RUNNING"])
 
     assert table["12_0"] == ["COMPLETED"] and table["12_5"] == ["PENDING", "Dependency"]
     assert [t for t in table if t.startswith("12_")] == ["12_0", "12_1", "12_2", "12_3", "12_5"]
@@ -459,23 +482,23 @@ def test_submitit_checkpoint_fallback_counts_requeues_and_stops_at_the_limit(tmp
 def test_local_executor_returns_at_once_and_trains_the_stages_in_order(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", "local", TWO_STAGES, grid={"seed": [0, 1]})
     start = time.monotonic()
-    manifest = submit(load_plan(spec), tmp_path / "runs", executor="local", spec_path=spec)
+    manifest = submit(load_sweep(spec), tmp_path / "runs", executor="local", spec_path=spec)
     assert time.monotonic() - start < 5, "submit must not wait for the runs"
-    assert len({s["job_id"] for s in manifest.submissions}) == 1
+    assert len({s.job_id for s in manifest.submissions}) == 1
 
-    wait_for_results([s["run_dir"] for s in manifest.submissions], 120)
+    wait_for_results([s.run_dir for s in manifest.submissions], 120)
 
     done = wait_for(lambda: (st := sweep_status(tmp_path / "runs" / "local")) and all(
         r.state == "COMPLETED" for r in st.runs) and st, 10, "COMPLETED states")
     assert [r.stage for r in done.runs] == ["pretrain", "pretrain", "fine_tune", "fine_tune"]
-    again = submit(load_plan(spec), tmp_path / "runs", executor="local", spec_path=spec)
+    again = submit(load_sweep(spec), tmp_path / "runs", executor="local", spec_path=spec)
     assert all(not s.run_ids for s in again.submitted)
 
 
 def test_debug_executor_trains_in_this_process(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", "debug", defaults={**TINY, "schedule": {"name": "cosine", "epochs": 1}})
 
-    manifest = submit(load_plan(spec), tmp_path / "runs", executor="debug", spec_path=spec)
+    manifest = submit(load_sweep(spec), tmp_path / "runs", executor="debug", spec_path=spec)
 
-    assert (Path(manifest.submissions[0]["run_dir"]) / "results.json").exists()
+    assert (Path(manifest.submissions[0].run_dir) / "results.json").exists()
     assert sweep_status(tmp_path / "runs" / "debug").runs[0].state == "COMPLETED"

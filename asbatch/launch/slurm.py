@@ -1,0 +1,166 @@
+"""Slurm I/O: sbatch parameters and flags for a stage, squeue / sacct queries and the parsing of their lines.
+
+The submitit executor writes the sbatch script; `executor_parameters` says what goes into it, and
+`sbatch_flags` shows the same flags for `--dry-run`. Final job states come from `sacct` (needs slurmdbd),
+live ones and pending reasons from `squeue`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from asbatch.launch.errors import LaunchError
+from asbatch.rundir import RESULTS
+from asbatch.spec import Resources, SweepStage
+
+SIGNAL_DELAY_ENV = "ASBATCH_SIGNAL_DELAY_S"
+DEFAULT_SIGNAL_DELAY_S = 90
+# Slurm states of a job that is (or will again be) queued or running: its run must not be submitted again
+ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+                    "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED", "RESV_DEL_HOLD"})
+# final states of a run that `retry` resubmits (when the run did not finish)
+RETRYABLE = frozenset({"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                       "BOOT_FAIL", "DEADLINE"})
+NEVER_RUNS = "DependencyNeverSatisfied"  # squeue reason of a task whose upstream array failed
+SLURM_JOB_ID = re.compile(r"\d+(_\d+)?")
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """A Slurm command, output captured; never raises on a non-zero exit."""
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+def signal_delay_s(resources: Resources) -> int:
+    """Seconds before the time limit at which USR2 comes: $ASBATCH_SIGNAL_DELAY_S or 90, at most half the
+    limit (Slurm checks limits only every 30 s or so, so short jobs get the signal early anyway)."""
+    delay = int(os.environ.get(SIGNAL_DELAY_ENV, DEFAULT_SIGNAL_DELAY_S))
+    return max(1, min(delay, resources.timeout_min * 30))
+
+
+def env_lines(env: dict[str, str]) -> list[str]:
+    return [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+
+
+def executor_parameters(sweep: str, stage: SweepStage, env: dict[str, str], dependency: str | None = None,
+                        kind: str = "slurm", num_runs: int | None = None) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for one stage's array (generic names + `slurm_` ones).
+
+    local / debug: one process trains every run in turn; its time limit is the sum of theirs, and TrainTask
+    sets the env itself (before torch is imported)."""
+    r = stage.resources
+    params: dict[str, Any] = {"name": f"{sweep}:{stage.name}", "timeout_min": r.timeout_min}
+    if kind != "slurm":
+        params["timeout_min"] = r.timeout_min * max(1, num_runs or len(stage.runs))
+        return params
+    params.update(nodes=r.nodes, tasks_per_node=max(1, r.gpus_per_node), cpus_per_task=r.cpus_per_task,
+                  slurm_signal_delay_s=signal_delay_s(r), slurm_array_parallelism=r.array_parallelism)
+    if r.gpus_per_node:
+        params["gpus_per_node"] = r.gpus_per_node
+    if r.mem_gb is not None:
+        params["mem_gb"] = float(r.mem_gb)
+    for name in ("partition", "account", "qos", "constraint"):
+        if getattr(r, name) is not None:
+            params[f"slurm_{name}"] = getattr(r, name)
+    extra: dict[str, Any] = {flag: True if value == "" else value for flag, value in r.extra.items()}
+    if dependency:
+        extra["dependency"] = dependency
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    if env:
+        params["slurm_setup"] = env_lines(env)
+    return params
+
+
+def sbatch_flags(params: dict[str, Any], num_tasks: int, log_dir: Path) -> list[str]:
+    """The sbatch flags submitit will write for these parameters (for `--dry-run`); env values that look
+    like secrets are masked."""
+    native = {"job-name": params["name"], "time": params["timeout_min"]}
+    for key, flag in (("slurm_partition", "partition"), ("slurm_account", "account"), ("slurm_qos", "qos"),
+                      ("nodes", "nodes"), ("tasks_per_node", "ntasks-per-node"), ("cpus_per_task", "cpus-per-task"),
+                      ("gpus_per_node", "gpus-per-node"), ("slurm_constraint", "constraint")):
+        if key in params:
+            native[flag] = params[key]
+    if "mem_gb" in params:
+        mem = params["mem_gb"]
+        native["mem"] = f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB"
+    if num_tasks > 1:
+        native["array"] = f"0-{num_tasks - 1}%{min(num_tasks, params.get('slurm_array_parallelism', 256))}"
+    native["signal"] = f"USR2@{params.get('slurm_signal_delay_s', DEFAULT_SIGNAL_DELAY_S)}"
+    job = "%A_%a" if num_tasks > 1 else "%j"
+    native["output"] = str(log_dir / job / f"{job}_0_log.out")  # as submitit writes it; srun adds per-rank logs
+    native["error"] = str(log_dir / job / f"{job}_0_log.err")
+    native.update(params.get("slurm_additional_parameters", {}))
+    flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in native.items()]
+    for line in params.get("slurm_setup", []):
+        name, _, value = line.removeprefix("export ").partition("=")
+        flags.append(f"export {name}={'***' if _SECRET.search(name) else value}")
+    return flags
+
+
+# ------------------------------------------------------------------------------------------ job states
+
+def parse_job_lines(lines: Sequence[str]) -> dict[str, list[str]]:
+    """'123_4|RUNNING|None', '123_[5-7%2]|PENDING|...', '123|CANCELLED by 0' -> {'123_4': [...], ...}; an
+    array record without a task ('123', a never-started array) is kept under '123'."""
+    out: dict[str, list[str]] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        job, *fields = line.split("|")
+        fields = [fields[0].split()[0] if fields and fields[0] else "", *fields[1:]]  # 'CANCELLED by 0'
+        match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job)
+        if match:
+            for part in match.group(2).split(","):
+                lo, _, hi = part.partition("-")
+                for task in range(int(lo), int(hi or lo) + 1):
+                    out.setdefault(f"{match.group(1)}_{task}", fields)
+        elif SLURM_JOB_ID.fullmatch(job):
+            out[job] = fields
+    return out
+
+
+def _lookup(table: dict[str, list[str]], job_id: str) -> list[str] | None:
+    return table.get(job_id) or table.get(job_id.split("_")[0])
+
+
+def query_slurm(job_ids: Sequence[str]) -> tuple[dict[str, tuple[str, str]], dict[str, str], str | None]:
+    """For job ids ('123_4' or '123'): (live {id: (state, reason)} from `squeue -t all`, final {id: state}
+    from `sacct`, a note when sacct is unavailable)."""
+    arrays = sorted({j.split("_")[0] for j in job_ids}, key=int)
+    if not arrays:
+        return {}, {}, None
+    ids = ",".join(arrays)
+    live: dict[str, tuple[str, str]] = {}
+    sq = run(["squeue", "-h", "-r", "-t", "all", "-j", ids, "-o", "%i|%T|%r"])
+    if sq.returncode == 0:
+        table = parse_job_lines(sq.stdout.splitlines())
+        live = {j: (f[0], f[1] if len(f) > 1 else "") for j in job_ids if (f := _lookup(table, j))}
+    elif "Invalid job id" not in sq.stderr:
+        raise LaunchError(f"squeue failed: {(sq.stderr or sq.stdout).strip()}")
+    note = None
+    final: dict[str, str] = {}
+    sa = run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"])
+    if sa.returncode == 0:
+        table = parse_job_lines(sa.stdout.splitlines())
+        final = {j: f[0] for j in job_ids if (f := _lookup(table, j))}
+    else:
+        note = (f"sacct failed ({(sa.stderr or sa.stdout).strip() or f'exit {sa.returncode}'}): states come "
+                f"from squeue only, which forgets finished jobs after MinJobAge; runs without {RESULTS} "
+                "whose job is gone show as UNKNOWN")
+    return live, final, note
+
+
+def scancel(job_ids: Sequence[str]) -> None:
+    """Cancel jobs (array ids cancel every task); a failure is a LaunchError."""
+    proc = run(["scancel", *job_ids])
+    if proc.returncode != 0:
+        raise LaunchError(f"scancel {' '.join(job_ids)} failed: {(proc.stderr or proc.stdout).strip()}")

@@ -1,0 +1,285 @@
+"""Submitting a sweep (one submitit job array per stage, `afterok` between stages), cancelling, retrying.
+
+    sweep = load_sweep("jobs/quickstart.yaml")
+    manifest = submit(sweep, "runs")                # returns at once; nothing waits for jobs
+    sweep_status("runs/quickstart").runs            # state, epoch, test accuracy per run
+    cancel("runs/quickstart"); retry("runs/quickstart")
+
+Executors: `slurm` (sbatch through submitit), `local` (one background process that trains the runs stage
+by stage; returns at once), `debug` (in this process, before `submit` returns), `auto` (slurm where
+`sbatch` is on PATH, else local). A stage with a single run is a plain job (`<job>`, not `<array>_0`):
+submitit submits one run without `--array`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from asbatch.launch.errors import LaunchError
+from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord, now
+from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
+from asbatch.launch.status import RunStatus, run_statuses, sweep_status
+from asbatch.launch.task import SequentialTask, TrainTask
+from asbatch.names import EXECUTORS
+from asbatch.rundir import SweepDir
+from asbatch.spec import Sweep, SweepRun, SweepStage
+
+
+@dataclass
+class StageSubmission:
+    """One stage's share of a submit call: what it submits (or, in a dry run, would), after what, and why
+    other runs of the stage are skipped. `parameters` (submitit's) are built once, when it is submitted."""
+
+    stage: SweepStage
+    executor: str
+    runs: list[SweepRun]
+    log_dir: str
+    skipped: dict[str, str] = field(default_factory=dict)  # run id -> why it was not submitted
+    upstream_jobs: set[str] = field(default_factory=set)   # still-queued upstream tasks of older arrays
+    upstream_stages: set[str] = field(default_factory=set)  # upstream stages submitted in this call
+    stale_jobs: list[str] = field(default_factory=list)     # old tasks of these runs that can never start
+    parameters: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    dependency: str | None = None
+    array_job_id: str | None = None
+    job_ids: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.runs]
+
+
+def resolve_executor(kind: str) -> str:
+    if kind not in EXECUTORS:
+        raise LaunchError(f"unknown executor {kind!r} (one of {', '.join(EXECUTORS)})")
+    if kind == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if kind == "slurm" and not shutil.which("sbatch"):
+        raise LaunchError("executor 'slurm': sbatch is not on PATH (use --executor local on a machine without Slurm)")
+    return kind
+
+
+def _plan(sweep: Sweep, sweep_dir: SweepDir, kind: str, status: dict[str, RunStatus],
+          stages: Sequence[SweepStage], only: set[str] | None) -> list[StageSubmission]:
+    finished = {run.run_id for run in sweep.runs if sweep_dir.run(run.run_id).is_finished()}
+    plans: list[StageSubmission] = []
+    submitted_now: dict[str, set[str]] = {}
+    for stage in stages:
+        plan = StageSubmission(stage, kind, [], str(sweep_dir.log_dir))
+        for run_ in stage.runs:
+            if only is not None and run_.run_id not in only:
+                continue
+            st = status.get(run_.run_id)
+            if run_.run_id in finished:
+                plan.skipped[run_.run_id] = f"finished ({sweep_dir.run(run_.run_id).results_file.name})"
+                continue
+            if st is not None and st.active:
+                plan.skipped[run_.run_id] = f"already queued as {st.job_id} ({st.state})"
+                continue
+            for up_stage, up_id in run_.upstream.items():
+                _add_upstream(plan, kind, stage, run_, up_stage, up_id, finished, submitted_now, status)
+            if st is not None and st.blocked:
+                plan.stale_jobs.append(st.job_id)
+            plan.runs.append(run_)
+        submitted_now[stage.name] = set(plan.run_ids)
+        plans.append(plan)
+    return plans
+
+
+def _add_upstream(plan: StageSubmission, kind: str, stage: SweepStage, run_: SweepRun, up_stage: str, up_id: str,
+                  finished: set[str], submitted_now: dict[str, set[str]], status: dict[str, RunStatus]) -> None:
+    """Record what `run_` must wait for in stage `up_stage`; an upstream run that is neither finished nor
+    queued nor submitted now is an error."""
+    up = status.get(up_id)
+    if up_id in finished:
+        return
+    if up_id in submitted_now.get(up_stage, set()):
+        plan.upstream_stages.add(up_stage)
+    elif up is not None and up.active and up.executor == "slurm" and kind == "slurm":
+        plan.upstream_jobs.add(up.job_id)
+    elif up is not None and up.active:
+        raise LaunchError(f"stage {stage.name}: upstream run {up_id} ({up_stage}) is still running "
+                          f"under the {up.executor} executor; wait for it, then submit again")
+    else:
+        raise LaunchError(f"stage {stage.name}: run {run_.run_id} needs run {up_id} of stage "
+                          f"{up_stage!r}, which has not finished and is not queued; submit stage {up_stage!r} too")
+
+
+def _dependency(plan: StageSubmission, arrays: dict[str, str]) -> str | None:
+    ids = [arrays[s] for s in plan.stage.after if s in plan.upstream_stages and s in arrays]
+    ids += sorted(plan.upstream_jobs, key=lambda j: [int(x) for x in j.split("_")])
+    return f"afterok:{':'.join(ids)}" if ids else None
+
+
+def _describe(plan: StageSubmission, sweep: Sweep, dependency: str | None) -> None:
+    """Fill the plan's submitit parameters and sbatch flags (once: at submission, or for a dry run)."""
+    plan.dependency = dependency
+    plan.parameters = executor_parameters(sweep.name, plan.stage, sweep.env, dependency, plan.executor,
+                                          len(plan.runs))
+    if plan.executor == "slurm":
+        plan.flags = sbatch_flags(plan.parameters, len(plan.runs), Path(plan.log_dir))
+
+
+def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: Sequence[str] | None = None,
+           dry_run: bool = False, spec_path: str | Path | None = None, only: set[str] | None = None) -> Manifest:
+    """Submit every run of `sweep` that has not finished and is not queued: one job array per stage, each
+    after (`afterok`) the arrays of its upstream runs. Returns at once with the updated manifest; its
+    `submitted` lists the arrays of this call. `dry_run` plans and returns without submitting or writing.
+    `only` restricts the submission to these run ids (what `retry` uses). Unknown `stages` are a SpecError."""
+    kind = resolve_executor(executor)
+    selected = sweep.select_stages(stages)
+    sweep_dir = SweepDir.at(Path(runs_root).resolve(), sweep.name)
+    spec = str(Path(spec_path).resolve()) if spec_path else None
+    if dry_run:
+        manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
+        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True)
+    with sweep_dir.lock():
+        manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
+        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
+
+
+def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
+                   only: set[str] | None, dry_run: bool) -> Manifest:
+    status, _ = run_statuses(manifest)
+    plans = _plan(sweep, sweep_dir, kind, status, stages, only)
+    manifest.dry_run, manifest.submitted = dry_run, plans
+    if dry_run:
+        for plan in plans:
+            placeholders = {s: f"<{s} array>" for s in plan.upstream_stages}
+            _describe(plan, sweep, _dependency(plan, placeholders) if kind == "slurm" else None)
+        return manifest
+    if not any(p.runs for p in plans):
+        return manifest
+    if kind == "slurm":
+        _submit_slurm(sweep, sweep_dir, manifest, plans)
+    else:
+        _submit_sequential(sweep, sweep_dir, kind, manifest, plans)
+    return manifest
+
+
+def _record(manifest: Manifest, plan: StageSubmission, sweep_dir: SweepDir, job_ids: list[str], array_id: str) -> None:
+    at = now()
+    plan.array_job_id, plan.job_ids = array_id, job_ids
+    manifest.arrays.append(ArrayRecord(stage=plan.name, executor=plan.executor, array_job_id=array_id,
+                                       dependency=plan.dependency, run_ids=plan.run_ids, submitted_at=at,
+                                       log_dir=plan.log_dir))
+    for run_, job_id in zip(plan.runs, job_ids, strict=True):
+        manifest.submissions.append(SubmissionRecord(
+            run_id=run_.run_id, stage=plan.name, executor=plan.executor, job_id=job_id, array_job_id=array_id,
+            config=run_.config.to_dict(), upstream=run_.upstream, run_dir=str(sweep_dir.run(run_.run_id).path),
+            wandb_id=run_.run_id, submitted_at=at))
+
+
+def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: list[StageSubmission]) -> None:
+    arrays: dict[str, str] = {}
+    stale = [job for plan in plans for job in plan.stale_jobs]
+    if stale:  # tasks that wait on a failed upstream array forever; their runs are submitted again below
+        run(["scancel", *stale])
+    try:
+        for plan in plans:
+            if not plan.runs:
+                continue
+            _describe(plan, sweep, _dependency(plan, arrays))
+            ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster="slurm")
+            ex.update_parameters(**plan.parameters)
+            tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path) for r in plan.runs]
+            with ex.batch():
+                jobs = [ex.submit(task) for task in tasks]
+            job_ids = [job.job_id for job in jobs]
+            arrays[plan.name] = job_ids[0].split("_")[0]
+            _record(manifest, plan, sweep_dir, job_ids, arrays[plan.name])
+            manifest.save()  # after each array: a failure later still leaves a true manifest
+    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
+        manifest.save()
+        detail = getattr(err, "stderr", None) or getattr(err, "output", None) or err
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        done = ", ".join(f"{s}: {a}" for s, a in arrays.items()) or "nothing"
+        raise LaunchError(f"sbatch failed for stage {plan.name!r}: {str(detail).strip()} "
+                          f"(submitted before the failure: {done})") from err
+
+
+def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest,
+                       plans: list[StageSubmission]) -> None:
+    """local / debug: one job that trains every planned run in stage order."""
+    items = []
+    for plan in plans:
+        for run_ in plan.runs:
+            task = TrainTask(run_.config.to_dict(), sweep_dir.run(run_.run_id).path, env=sweep.env)
+            items.append((task, [str(sweep_dir.run(up).path) for up in run_.upstream.values()]))
+    for plan in plans:
+        _describe(plan, sweep, None)
+    timeout = sum(p.stage.resources.timeout_min * len(p.runs) for p in plans)
+    ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster=kind)
+    first = next(p for p in plans if p.runs)
+    ex.update_parameters(name=f"{sweep.name}:{first.name}", timeout_min=timeout)
+    job = ex.submit(SequentialTask(items))
+    for plan in plans:
+        if plan.runs:
+            _record(manifest, plan, sweep_dir, [str(job.job_id)] * len(plan.runs), str(job.job_id))
+    manifest.save()
+    if kind == "debug":
+        with contextlib.suppress(Exception):  # failures are visible in the run states and the job's log
+            job.result()
+
+
+def cancel(sweep_dir: str | Path | SweepDir) -> list[str]:
+    """Cancel the sweep's queued and running jobs (`scancel` of the arrays that still have active tasks;
+    SIGTERM to a local executor's process). Returns the job ids cancelled."""
+    sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
+    Manifest.load(sweep_dir)  # a sweep that was never submitted: say so (and create nothing)
+    with sweep_dir.lock():
+        status = sweep_status(sweep_dir)
+        active = [r for r in status.runs if r.state in ACTIVE]
+        slurm_ids = sorted({r.job_id.split("_")[0] for r in active if r.executor == "slurm"}, key=int)
+        if slurm_ids:
+            scancel(slurm_ids)
+        pids = sorted({r.job_id for r in active if r.executor == "local"})
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+        return [*slurm_ids, *pids]
+
+
+def retry(sweep_dir: str | Path | SweepDir, executor: str | None = None) -> Manifest:
+    """Submit again the runs that failed, were cancelled, timed out, lost their node or ran out of memory
+    (and did not finish), plus runs whose tasks wait on a failed upstream forever. One array per stage
+    again, after the still-running upstream tasks. The configs and resources come from the spec the sweep
+    was submitted from."""
+    from asbatch.spec import SpecError, load_sweep
+
+    sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
+    manifest = Manifest.load(sweep_dir)
+    status = sweep_status(sweep_dir)
+    todo = {r.run_id for r in status.runs if r.retryable}
+    if not manifest.spec:
+        raise LaunchError(f"{manifest.path} does not name the spec it came from; run `asbatch submit SPEC`")
+    try:
+        sweep = load_sweep(manifest.spec)
+    except (SpecError, OSError) as err:
+        raise LaunchError(f"retry needs the sweep's spec {manifest.spec}: {err}") from None
+    if sweep.name != manifest.sweep:
+        raise LaunchError(f"{manifest.spec} is now sweep {sweep.name!r}, not {manifest.sweep!r}")
+    gone = todo - {r.run_id for r in sweep.runs}
+    if gone:
+        raise LaunchError(f"runs {', '.join(sorted(gone))} are no longer in {manifest.spec} (edited since "
+                          "submission?); submit the spec instead")
+    kind = executor or (manifest.arrays[-1].executor if manifest.arrays else "auto")
+    if not todo:
+        manifest.submitted = []
+        return manifest
+    return submit(sweep, sweep_dir.runs_root, executor=kind, spec_path=manifest.spec, only=todo)
