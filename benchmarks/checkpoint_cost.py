@@ -1,6 +1,6 @@
 """Row 6: cost of one periodic checkpoint relative to the training time between two of them.
 
-One save is what train.py writes every `RunConfig.checkpoint_every` optimizer steps: `asbatch.checkpoint.save`
+One save is what train.py writes every `RunConfig.checkpoint_every` optimizer steps: `asbatch.train.checkpoint.save`
 of the model state, Adam state, scheduler and progress (shared.pt) plus the RNG states (rank0.pt), fsynced
 and renamed into place; single process (barrier = no-op). The time between saves is checkpoint_every AS steps.
 The temp dir is on the same file system as /tmp; a run dir on a network file system will differ.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from asbatch import checkpoint
 from asbatch.config import RunConfig
-from asbatch.train import Progress, rng_state
+from asbatch.train import Progress, checkpoint
+from asbatch.train.setup import rng_state
 from benchmarks.common import LAM, Row, bayesian_resnet20, cifar_batch, median
 from benchmarks.step_time import training_step
 

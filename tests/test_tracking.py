@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
 from asbatch import tracking
+from asbatch.rundir import RunDir, offline_segments
+from asbatch.tracking import sync as tracking_sync
 
 CONFIG = {
     "sweep": "tracked", "cpu": True, "checkpoint_every": 4,
@@ -42,7 +45,7 @@ def test_offline_run_keeps_its_id_across_a_kill_and_writes_no_secret(tmp_path):
     assert run(tmp_path) == 0
     (run_dir,) = (tmp_path / "runs" / "tracked").iterdir()
     run_id = run_dir.name
-    segments = tracking.offline_segments(run_dir)
+    segments = offline_segments(RunDir(run_dir))
     assert len(segments) == 2, "one offline segment per process"
     assert all(s.name.endswith(f"-{run_id}") for s in segments), [s.name for s in segments]
     state = json.loads((run_dir / "wandb.json").read_text())
@@ -89,7 +92,7 @@ def test_sync_uploads_segments_in_order_into_one_id_and_records_them(tmp_path, m
     (run_dir / "wandb.json").write_text(json.dumps({"id": "train-abc", "project": "p", "entity": None,
                                                     "last_step": 8}))
     calls = []
-    monkeypatch.setattr(tracking.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setattr(tracking_sync.subprocess, "run", lambda cmd, check: calls.append(cmd))
 
     assert tracking.sync_run(run_dir) == ["offline-run-20261125_090000-train-abc",
                                           "offline-run-20261125_100000-train-abc"]
@@ -105,7 +108,7 @@ def test_a_resumed_segment_does_not_log_a_step_again(tmp_path):
     from asbatch.config import RunConfig
 
     class Recorder:
-        logged: list = []
+        logged: ClassVar[list] = []
 
         def log(self, row, step):
             self.logged.append(step)

@@ -1,27 +1,24 @@
-"""Weights & Biases tracking for one training run (rank 0 only); the run dir is written regardless.
+"""The W&B run of one training run (rank 0 only): mode, init / resume, per-epoch history, final summary.
 
 One W&B run per training run: id = the run id, group = sweep, job_type = stage, config = the resolved
-config, tags from the spec. A requeued run continues the same W&B run: online with resume="allow"; offline,
-each process segment writes its own `wandb/offline-run-*` dir with the same id, and `asbatch sync` uploads
-them in order into that id (`wandb sync --id ID`, then `--append`). History is logged with step = global
-step, and `wandb.json` in the run dir remembers the last step logged, so a resumed segment never logs a
-step twice. No API key is ever written: W&B reads it from its own environment / netrc.
+config, tags from the spec. A requeued run continues the same W&B run: online with resume="allow";
+offline, each process segment writes its own `wandb/offline-run-*` dir with the same id, and `asbatch sync`
+uploads them in order into that id. History is logged with step = global step, and the run dir's W&B state
+remembers the last step logged, so a resumed segment never logs a step twice. No API key is ever written:
+W&B reads it from its own environment / netrc. The run dir is written whatever W&B does.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from asbatch.fsutil import atomic_write_json
 from asbatch.config import RunConfig
-
-STATE_FILE = "wandb.json"
+from asbatch.figures import reliability_diagram, retained_curve
+from asbatch.rundir import RunDir
+from asbatch.tracking.keys import flatten_evaluation
 
 
 def has_api_key() -> bool:
@@ -51,11 +48,10 @@ def resolve_mode(mode: str) -> str:
 class Tracker:
     """The W&B side of a run. All methods are no-ops when tracking is disabled."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, enabled: bool = True):
-        self.run_dir = run_dir
+    def __init__(self, config: RunConfig, run_dir: str | Path | RunDir, enabled: bool = True):
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.mode = resolve_mode(config.tracking.wandb) if enabled else "disabled"
-        self.state_path = run_dir / STATE_FILE
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"last_step": -1}
+        self.state = self.run_dir.read_wandb_state() or {"last_step": -1}
         self.run = None
         if self.mode == "disabled":
             return
@@ -64,21 +60,18 @@ class Tracker:
         t = config.tracking
         self.run = wandb.init(
             project=t.project, entity=t.entity, id=config.run_id, name=config.run_id, group=config.sweep,
-            job_type=config.stage, tags=list(t.tags), config=config.to_dict(), dir=str(run_dir),
+            job_type=config.stage, tags=list(t.tags), config=config.to_dict(), dir=str(self.run_dir.path),
             resume="allow", mode=self.mode, reinit="finish_previous",
         )
         self.state.update(id=config.run_id, project=t.project, entity=t.entity, mode=self.mode)
-        self._save_state()
-
-    def _save_state(self) -> None:
-        atomic_write_json(self.state_path, self.state)
+        self.run_dir.write_wandb_state(self.state)
 
     def log_epoch(self, row: dict[str, Any], step: int) -> None:
         if self.run is None or step <= self.state["last_step"]:
             return  # already logged by an earlier segment of this run
         self.run.log(row, step=step)
         self.state["last_step"] = step
-        self._save_state()
+        self.run_dir.write_wandb_state(self.state)
 
     def __enter__(self) -> Tracker:
         return self
@@ -94,8 +87,6 @@ class Tracker:
             return
         import wandb
 
-        from asbatch.results import flatten_evaluation
-
         ev = results["evaluation"]
         self.run.summary.update(flatten_evaluation(ev))
         self.run.log({
@@ -110,40 +101,7 @@ class Tracker:
     def _plots(self, ev: dict[str, Any]) -> dict[str, Any]:
         import wandb
 
-        from asbatch.plots import reliability_diagram, retained_curve
-
         out = {}
         for name, make in (("retained_curve", retained_curve), ("reliability_diagram", reliability_diagram)):
-            path = self.run_dir / f"{name}.png"
-            make(ev, path)
-            out[f"evaluation/{name}"] = wandb.Image(str(path))
+            out[f"evaluation/{name}"] = wandb.Image(str(make(ev, self.run_dir.figure(name))))
         return out
-
-
-def offline_segments(run_dir: Path) -> list[Path]:
-    """The run's offline W&B segments, oldest first (their names start with the start time)."""
-    return sorted((run_dir / "wandb").glob("offline-run-*"))
-
-
-def sync_run(run_dir: Path) -> list[str]:
-    """Upload the run's not yet synced offline segments, in order, into its one W&B id; returns what was
-    synced. Progress is recorded in wandb.json (`synced`), so it can be re-run safely."""
-    state_path = run_dir / STATE_FILE
-    if not state_path.exists():
-        return []
-    state = json.loads(state_path.read_text())
-    synced = state.setdefault("synced", [])
-    done = []
-    for segment in offline_segments(run_dir):
-        if segment.name in synced:
-            continue
-        cmd = [sys.executable, "-m", "wandb", "sync", "--id", state["id"], "-p", state["project"]]
-        if state.get("entity"):
-            cmd += ["-e", state["entity"]]
-        if synced:  # later segments continue the same run
-            cmd.append("--append")
-        subprocess.run(cmd + [str(segment)], check=True)
-        synced.append(segment.name)
-        done.append(segment.name)
-        atomic_write_json(state_path, state)
-    return done

@@ -56,7 +56,7 @@ def save(
     barrier()
     if rank == 0:
         atomic_write_json(tmp / "COMPLETE", {"step": step, "world_size": world_size})
-        os.replace(tmp, final)
+        tmp.replace(final)
         fsync_dir(ckpt_root)
         _prune(ckpt_root, keep)
     barrier()
@@ -79,6 +79,6 @@ def load_latest(ckpt_root: Path, rank: int) -> tuple[dict[str, Any], dict[str, A
             rank_file = ckpt / f"rank{rank}.pt"
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
             return shared, rank_state
-        except Exception as err:  # corrupt or partial: fall back to an older one
+        except Exception as err:  # noqa: BLE001 - corrupt or partial (torch.load raises anything): older one
             warnings.warn(f"skipping checkpoint {ckpt}: {err}", stacklevel=2)
     return None

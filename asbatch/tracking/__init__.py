@@ -1,0 +1,8 @@
+"""Weights & Biases tracking: the W&B run of a training run, syncing offline runs, and the key scheme."""
+
+from asbatch.tracking.keys import EVAL_PREFIX, flatten_evaluation, unflatten_evaluation
+from asbatch.tracking.sync import sync_run
+from asbatch.tracking.wandb_run import Tracker, can_reach, has_api_key, resolve_mode
+
+__all__ = ["EVAL_PREFIX", "Tracker", "can_reach", "flatten_evaluation", "has_api_key", "resolve_mode", "sync_run",
+           "unflatten_evaluation"]

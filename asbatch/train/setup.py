@@ -1,0 +1,139 @@
+"""What a run is built from: the Accelerator, precision, model (with its init), optimizer, schedule, RNG state.
+
+Precision is asbatch's, not Accelerate's: Accelerate's mixed precision is process-wide state that cannot
+change between the runs `asbatch run SPEC` trains in one process (only a private reset could), and it is
+off on CPU. So every run creates a plain `Accelerator(mixed_precision="no")` (distribution, DDP, collectives;
+creating it again with the same arguments is supported), and the model's forward runs under
+`torch.autocast` here, with a `torch.amp.GradScaler` for fp16.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from asbatch.bayes import load_deterministic_state
+from asbatch.config import RunConfig
+from asbatch.models import build_model
+from asbatch.rundir import SweepDir, resolve_init_from
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    """A plain Accelerator for this run. `cpu=True` on CPU-only hosts makes torchrun / srun give a real gloo
+    group (without it each process would train alone)."""
+    cpu = config.cpu or not torch.cuda.is_available()
+    try:
+        return Accelerator(cpu=cpu, mixed_precision="no")
+    except ValueError as err:  # the process already runs on a GPU and this run asks for the CPU
+        raise RuntimeError(f"cpu: {config.cpu}: runs trained in one process must agree on `cpu` ({err})") from None
+
+
+def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the run's precision on this device (None: fp32). fp16 on CPU runs in fp32."""
+    if config.precision == "fp16" and device.type == "cpu":
+        return None
+    return AUTOCAST_DTYPES.get(config.precision)
+
+
+def autocast_forward(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Run the model's forward under autocast and return fp32 outputs (as Accelerate's prepare() does), so
+    every pass (training, AS inner passes, evaluation) shares it and the backward runs outside autocast."""
+    if dtype is None:
+        return model
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_in_autocast(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            out = forward(*args, **kwargs)
+        return out.float()
+
+    model.forward = forward_in_autocast
+    return model
+
+
+def make_scaler(config: RunConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """A grad scaler for fp16 training (None otherwise: fp32 and bf16 need none)."""
+    if autocast_dtype(config, device) is not torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def lr_factor(config: RunConfig, epoch: float) -> float:
+    """LR multiplier at a (fractional) epoch: linear warmup, then multistep / cosine / constant."""
+    s = config.schedule
+    warm = min(1.0, epoch / s.warmup_epochs) if s.warmup_epochs > 0 else 1.0
+    if s.name == "multistep":
+        decay = s.gamma ** sum(1 for m in s.milestones if math.floor(epoch) >= m)
+    elif s.name == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * min(epoch, s.epochs) / s.epochs))
+    else:
+        decay = 1.0
+    return warm * decay
+
+
+def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def init_weights_file(config: RunConfig, sweep_dir: SweepDir) -> Path:
+    """The file `model.init_from` names (a run of the sweep, a run dir or a file); missing -> clear error."""
+    path = resolve_init_from(config.model.init_from, sweep_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from={config.model.init_from!r}: no trained model at {path} "
+                                "(has the upstream run finished?)")
+    return path
+
+
+def build(config: RunConfig, num_classes: int, in_channels: int, sweep_dir: SweepDir) -> nn.Module:
+    """The run's model, mu initialised from `model.init_from` when set (Bayesian fine-tune)."""
+    m = config.model
+    model = build_model(m.name, num_classes, in_channels=in_channels, bayesian=m.bayesian, width=m.width,
+                        init_sigma=m.init_sigma, prior_sigma=m.prior_sigma)
+    if m.init_from:
+        path = init_weights_file(config, sweep_dir)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            if m.bayesian:
+                load_deterministic_state(model, state)
+            else:
+                model.load_state_dict(state)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"model.init_from={m.init_from!r} ({path}) does not fit {m.name}: {err}") from None
+    return model
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def rng_state(eps_gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "eps": eps_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], eps_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    eps_gen.set_state(state["eps"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
