@@ -1,5 +1,5 @@
 """Shared command line of the analysis scripts: `python analysis/<name>.py SWEEP_DIR [--out DIR]
-[--source local|wandb] [--wandb-path ENTITY/PROJECT]`. The logic lives in asbatch.results / asbatch.plots."""
+[--source local|wandb] [--wandb-path ENTITY/PROJECT]`. The logic lives in asbatch.analysis."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ try:
 except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asbatch.results import RecordList, describe, load_records
+from asbatch.analysis import RecordList, describe, load_records
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def out_dir(args: argparse.Namespace) -> Path:
 
 def plot_main(name: str, description: str, argv: Sequence[str] | None = None) -> Path:
     """A figure script: parse, load the records, write `<out>/<name>.png`, print its path."""
-    from asbatch.plots import ANALYSIS_PLOTS
+    from asbatch.analysis import ANALYSIS_PLOTS
 
     args = parser(description).parse_args(argv)
     path = ANALYSIS_PLOTS[name][1](load(args), out_dir(args) / f"{name}.png")

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import _common
-from asbatch.plots import build_static_report
+
+from asbatch.analysis import build_static_report
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import _common
-from asbatch.results import sweep_tables
+
+from asbatch.analysis import sweep_tables
 
 EXTENSIONS = {"md": "md", "latex": "tex", "csv": "csv", "html": "html"}
 

@@ -6,9 +6,9 @@ expansion + submit and count sbatch calls through a logging `sbatch` shim put fi
 per stage means 2 calls). The arrays are scancelled right after. Needs `asbatch.launch.submit`, `sbatch` on
 PATH and SLURM_CONF set; otherwise the row is skipped and says why (never a PASS).
 
-`bench_analysis`: 1000 run dirs, each with a results.json shaped like train.py's; time loading all of them,
-`asbatch.results.record_from_results` on each, and the aggregation `asbatch table` does (records -> mean / std over
-seeds -> the paper's tables), or a plain mean / std over seeds where asbatch.results has no such pipeline.
+`bench_analysis`: 1000 run dirs, each with a results.json shaped like train.py's; time loading all of them into
+records (`asbatch.analysis.records_from_run_dirs`) and the aggregation `asbatch table` does (records -> mean / std
+over seeds -> the paper's tables).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def bench_submit() -> list[Row]:
     if real is None or not os.environ.get("SLURM_CONF"):
         return [skipped(SUBMIT_NAME, GOAL_TEXT, "no Slurm here: needs sbatch on PATH and SLURM_CONF set (sudo bash "
                         "slurm/local-cluster/cluster.sh start; eval \"$(bash slurm/local-cluster/cluster.sh env)\")")]
-    from asbatch.spec import load_plan
+    from asbatch.spec import load_sweep
 
     stages = len(SPEC["stages"])
     with tempfile.TemporaryDirectory(prefix="asbatch-bench-submit-") as tmp:
@@ -93,11 +93,11 @@ def bench_submit() -> list[Row]:
         arrays: list[str] = []
         try:
             start = time.perf_counter()
-            sweep = load_plan(spec_path)
+            sweep = load_sweep(spec_path)
             expanded = time.perf_counter()
             manifest = launch.submit(sweep, tmp_path / "runs", executor="slurm", dry_run=False, spec_path=spec_path)
             wall = time.perf_counter() - start
-            arrays = [a["array_job_id"] for a in manifest.arrays]
+            arrays = [a.array_job_id for a in manifest.arrays]
         finally:
             os.environ["PATH"] = old_path
             text = log.read_text() if log.exists() else ""
@@ -107,7 +107,7 @@ def bench_submit() -> list[Row]:
                 subprocess.run(["scancel", *to_cancel], check=False, capture_output=True)
     calls = sum(1 for line in text.splitlines() if line.startswith("CALL "))
     runs = len(sweep.runs)
-    note = (f"load_plan {expanded - start:.2f} s + launch.submit(executor='slurm', dry_run=False) "
+    note = (f"load_sweep {expanded - start:.2f} s + launch.submit(executor='slurm', dry_run=False) "
             f"{wall - (expanded - start):.2f} s for {runs} runs to the local cluster; arrays {', '.join(arrays)} "
             f"scancelled right after")
     return [
@@ -155,12 +155,12 @@ def write_run_dirs(root: Path, n: int) -> None:
 def analyse(sweep_dir: Path) -> str:
     """Load every finished run, flatten it into a Record, aggregate over seeds and format the tables:
     what `asbatch table` does."""
-    from asbatch import results as R
+    from asbatch import analysis as A
 
-    records = [R.record_from_results(r) for d in sorted(sweep_dir.iterdir()) if (r := R.load_results(d)) is not None]
-    groups = R.aggregate(records, by=R.default_grouping(records))
-    R.sweep_tables(records)
-    return f"{len(records)} records; asbatch.results aggregate + sweep_tables: {len(groups)} groups"
+    records = A.records_from_run_dirs(sweep_dir)
+    groups = A.aggregate(records, by=A.default_grouping(records))
+    A.sweep_tables(records)
+    return f"{len(records)} records; asbatch.analysis aggregate + sweep_tables: {len(groups)} groups"
 
 
 def bench_analysis(quick: bool = False) -> Row:

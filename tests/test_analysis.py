@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from tests_support import tiny_digits_config
 
+from asbatch.analysis import RETAINED, aggregate, build_static_report, records_from_run_dirs
 from asbatch.config import RunConfig
-from asbatch.plots import PNG_MAGIC, build_static_report, reliability_diagram, retained_curve
-from asbatch.results import RETAINED, aggregate, records_from_run_dirs
+from asbatch.figures import PNG_MAGIC, reliability_diagram, retained_curve
 
 REPO = Path(__file__).resolve().parents[1]
 ANALYSIS = REPO / "analysis"

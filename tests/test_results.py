@@ -1,4 +1,4 @@
-"""Records, aggregation over seeds and the paper's tables (asbatch.results), and W&B vs run-dir records."""
+"""Records, aggregation over seeds and the paper's tables (asbatch.analysis), and W&B vs run-dir records."""
 
 from __future__ import annotations
 
@@ -11,10 +11,20 @@ from types import SimpleNamespace
 import pytest
 from tests_support import tiny_digits_config
 
+from asbatch.analysis import (
+    DEFAULT_BY,
+    Record,
+    aggregate,
+    csv_columns,
+    default_grouping,
+    latex_escape,
+    paper_tables,
+    records_from_run_dirs,
+    records_from_wandb,
+    sweep_tables,
+)
 from asbatch.config import RunConfig
-from asbatch.results import (DEFAULT_BY, Record, aggregate, csv_columns, default_grouping, flatten_evaluation,
-                             latex_escape, paper_tables, records_from_run_dirs, records_from_wandb, sweep_tables,
-                             unflatten_evaluation)
+from asbatch.tracking.keys import flatten_evaluation, unflatten_evaluation
 
 DEFAULTS = dict(sweep="s", stage="train", lowest=80.0, highest=85.0, mean_acc=82.0, ensemble=86.0,
                 retained_20=99.0, retained_40=98.0, retained_60=97.0, retained_80=96.0,
@@ -258,7 +268,7 @@ def fake_run_from_dir(run_dir) -> FakeRun:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [{**json.loads(line), "_step": i} for i, line in enumerate(lines)]
     return FakeRun(id=results["run_id"], group=results["sweep"], job_type=results["stage"],
-                   config=json.loads(json.dumps(results["config"])), summary=summary, rows=rows + [{"_step": 99}])
+                   config=json.loads(json.dumps(results["config"])), summary=summary, rows=[*rows, {"_step": 99}])
 
 
 def test_run_dirs_and_the_wandb_stand_in_give_identical_records(trained_sweep):
@@ -285,7 +295,7 @@ def test_wandb_report_holds_the_tables_and_panels_over_the_sweeps_runs():
     """Built, not saved: saving needs a W&B server, which cannot run here."""
     import wandb_workspaces.reports.v2 as wr
 
-    from asbatch.wandb_report import build_wandb_report
+    from asbatch.analysis import build_wandb_report
 
     report = build_wandb_report("c10", project="asbatch", entity="lab", tables_md="| Model | x |\n|--|--|\n")
     assert report.entity == "lab" and report.project == "asbatch" and "c10" in report.title
