@@ -1,0 +1,75 @@
+"""`asbatch table / report / sync`: the paper's tables, the sweep report, uploading offline W&B runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from asbatch.cli.app import main
+from asbatch.cli.common import any_sweep_dir, runs_root_option
+
+
+@main.command("table")
+@click.argument("sweep")
+@click.option("--source", type=click.Choice(["local", "wandb"]), default="local", show_default=True,
+              help="read run dirs, or the W&B API (runs grouped by sweep)")
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv", "html"]), default="md", show_default=True)
+@click.option("--wandb-path", default=None, help="ENTITY/PROJECT (default: from the runs' tracking config)")
+@runs_root_option
+def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, runs_root: Path) -> None:
+    """Print the paper's tables for a sweep: lowest / highest / ensembled accuracy, accuracy on the 20-80%
+    most certain data, calibration and OOD columns; mean +- std over seeds, AS rows bold where they win."""
+    from asbatch.analysis import describe, load_records, sweep_tables
+
+    sweep_dir = runs_root / sweep if source == "wandb" else any_sweep_dir(runs_root, sweep)
+    records = load_records(sweep_dir, source=source, wandb_path=wandb_path)
+    click.echo(describe(records), err=True)
+    if not records:
+        sys.exit(1)
+    click.echo(sweep_tables(records, fmt=fmt), nl=False)
+
+
+@main.command("report")
+@click.argument("sweep")
+@click.option("--wandb/--no-wandb", "to_wandb", default=None,
+              help="also save a W&B Report (default: when W&B is online, i.e. an API key and a route to it)")
+@runs_root_option
+def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
+    """Write the sweep's report (tables + plots) as Markdown and HTML with PNGs into <sweep>/report/,
+    and, when W&B is online, save a W&B Report with the tables and panels over the sweep's runs."""
+    from asbatch.analysis import build_static_report, load_records, sweep_tables
+    from asbatch.tracking import resolve_mode
+
+    sweep_dir = any_sweep_dir(runs_root, sweep)
+    click.echo(build_static_report(sweep_dir))
+    if to_wandb is None:
+        to_wandb = resolve_mode("auto") == "online"
+    if not to_wandb:
+        click.echo("W&B offline: no W&B Report saved (run `asbatch report --wandb` where W&B is online)", err=True)
+        return
+    from asbatch.analysis import build_wandb_report, default_wandb_path
+
+    entity, _, project = default_wandb_path(sweep_dir).rpartition("/")
+    records = load_records(sweep_dir)
+    report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"))
+    click.echo(report.save().url)
+
+
+@main.command("sync")
+@click.argument("sweep")
+@runs_root_option
+def sync_command(sweep: str, runs_root: Path) -> None:
+    """Upload a sweep's offline W&B runs (from a login node with internet); each run's segments are synced
+    in order into its one W&B id, and what was synced is recorded in each run dir."""
+    from asbatch.rundir import SweepDir, offline_segments
+    from asbatch.tracking import sync_run
+
+    total = 0
+    for run_dir in SweepDir(any_sweep_dir(runs_root, sweep)).runs():
+        if offline_segments(run_dir):
+            done = sync_run(run_dir)
+            total += len(done)
+            click.echo(f"{run_dir.run_id}: synced {len(done)} segment(s)")
+    click.echo(f"{total} offline segment(s) synced")

@@ -1,0 +1,37 @@
+"""`asbatch run`: train every run of a spec (or one run's config) in this process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from asbatch.cli.app import main
+from asbatch.cli.common import load_sweep_or_exit, runs_root_option
+
+
+@main.command("run")
+@click.argument("spec_path", metavar="CONFIG_OR_SPEC", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@runs_root_option
+@click.option("--stage", "stages", multiple=True, help="only these stages (default: all, in order)")
+def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> None:
+    """Run every run of a spec (or one run's config) in this process, stage by stage.
+
+    Finished runs are skipped, interrupted ones resume. Under torchrun / srun every process runs this
+    command and the runs train with DDP.
+    """
+    from rich.console import Console
+
+    from asbatch.analysis import run_table
+    from asbatch.train import train
+
+    sweep, selected = load_sweep_or_exit(spec_path, stages)
+    results = []
+    for stage in selected:
+        for run in stage.runs:
+            results.append(train(run.config, runs_root / sweep.name / run.run_id, progress_bar=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        bayesian = [r for r in results if r["config"]["model"]["bayesian"]]
+        Console(width=max(Console().width, 130)).print(
+            run_table(bayesian, title=f"{sweep.name}: Bayesian runs (accuracy in %)"))
