@@ -37,14 +37,15 @@ STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow", "info": "
 def machine() -> dict[str, str]:
     cpu = "unknown"
     try:
-        with open("/proc/cpuinfo") as f:
+        with Path("/proc/cpuinfo").open() as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or cpu
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
             "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "load average (1/5/15 min)": load}
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "load average (1/5/15 min)": load}
 
 
 def _error_row(name: str, err: BaseException) -> Row:
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_all(args.quick, set(args.only) if args.only else None, console)
     wall = time.perf_counter() - start
     info["load average (1/5/15 min)"] += f" at start; {machine()['load average (1/5/15 min)']} at end"
-    title = f"asbatch benchmarks ({'quick' if args.quick else 'full'}{', rows ' + ' '.join(args.only) if args.only else ''})"
+    rows_text = ", rows " + " ".join(args.only) if args.only else ""
+    title = f"asbatch benchmarks ({'quick' if args.quick else 'full'}{rows_text})"
     console.print(rich_table(rows, f"{title}, {wall:.0f} s"))
     if args.markdown:
         args.markdown.write_text(markdown(rows, info, title, wall))

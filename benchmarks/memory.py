@@ -17,6 +17,7 @@ import re
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 from benchmarks.common import REPO, THREADS_ENV, Row
 
@@ -24,13 +25,13 @@ VARIANTS = ("plain", "as", "reference")
 
 
 def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
+    with Path("/proc/self/status").open() as f:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
 def _reset_peak() -> bool:
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with Path("/proc/self/clear_refs").open("w") as f:
             f.write("5")
         return True
     except OSError:

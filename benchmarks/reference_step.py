@@ -186,14 +186,16 @@ def loss_semantics(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple[boo
 
     formula_rel = rel(float(got.total) - kl_shift, formula.total)
     faithful_rel = rel(got.total, want.total)
-    within_ball = max(float((e - e0).abs().max()) for e, e0 in zip(eps_ours, eps0)) <= STEPS * ALPHA + 1e-6
-    moved_apart = sum(int((a != b).sum()) for a, b in zip(eps_ours, want.eps_adv)) / sum(e.numel() for e in eps0)
+    within_ball = max(float((e - e0).abs().max()) for e, e0 in zip(eps_ours, eps0, strict=True)) <= STEPS * ALPHA + 1e-6
+    moved = sum(int((a != b).sum()) for a, b in zip(eps_ours, want.eps_adv, strict=True))
+    moved_apart = moved / sum(e.numel() for e in eps0)
     same_pred_kl = max(rel(got.pred, want.pred), rel(got.kl, want.kl))
     ok = formula_rel < 1e-4 and same_pred_kl < 1e-5 and faithful_rel < SEMANTICS_TOL and within_ball
     note = (f"same batch and eps_0: (a) with eps.grad cleared per step the reference's total equals asbatch's "
             f"minus lambda*beta*KL = {kl_shift:.1e} to {formula_rel:.0e}; (b) faithful reference: total "
             f"{float(want.total):.3f} vs asbatch {float(got.total):.3f} (rel diff {faithful_rel:.2f}, tolerance "
-            f"{SEMANTICS_TOL}): L_pred and KL equal to {same_pred_kl:.0e}, L_adv {float(want.adv):.3f} vs {float(got.adv):.3f} "
+            f"{SEMANTICS_TOL}): L_pred and KL equal to {same_pred_kl:.0e}, "
+            f"L_adv {float(want.adv):.3f} vs {float(got.adv):.3f} "
             f"because accumulated eps.grad puts {moved_apart:.0%} of eps_N entries elsewhere; BN running-stat "
             f"updates per step: asbatch {_bn_updates(ours) - bn_before}, reference {_bn_updates(ref) - bn_before}")
     return ok, note

@@ -73,7 +73,7 @@ def write_fake_cifar10(root: str | os.PathLike[str], n_train_per_batch: int = 20
         written[split].append((data, labels.astype(np.int64)))
     _dump(base / "batches.meta", {b"num_cases_per_batch": n_train_per_batch, b"num_vis": 3072,
                                   b"label_names": [f"class{i}".encode() for i in range(10)]})
-    return {s: (np.concatenate([d for d, _ in parts]), np.concatenate([l for _, l in parts]))
+    return {s: (np.concatenate([d for d, _ in parts]), np.concatenate([labels for _, labels in parts]))
             for s, parts in written.items()}
 
 

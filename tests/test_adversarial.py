@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support import conv_bnn_and_batch
 from torch import nn
 
 from asbatch.adversarial import adversarial_noise, as_step
 from asbatch.bayes import kl_divergence, make_bayesian, sample_noise, set_noise
-from tests_support import conv_bnn_and_batch
 
 
 def linear_bnn(sigma: float = 0.3) -> nn.Module:
@@ -68,7 +70,7 @@ def test_adversarial_loss_is_at_least_the_loss_at_eps0_for_a_convex_model():
         eps = adversarial_noise(net, x, y, eps0, steps=steps, alpha=0.02)
         set_noise(net, eps)
         losses.append(F.cross_entropy(net(x), y).item())
-    assert all(b >= a for a, b in zip(losses, losses[1:])), losses
+    assert all(b >= a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] > losses[0]
 
 
@@ -103,7 +105,7 @@ def test_parameter_grads_equal_autograd_of_the_mixed_loss(lam):
     out = as_step(net, x, y, lam=lam, steps=5, alpha=0.02, kl_weight=1e-3,
                   generator=torch.Generator().manual_seed(5))
     assert out.total.item() == pytest.approx(expected_total.item(), rel=1e-6)
-    for p, g in zip(net.parameters(), expected):
+    for p, g in zip(net.parameters(), expected, strict=True):
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
@@ -125,7 +127,7 @@ def test_lambda_zero_is_exactly_a_plain_elbo_step_with_one_forward():
                   generator=torch.Generator().manual_seed(9))
     assert len(calls) == 1
     assert out.adv is None and out.pred is not None
-    for p, q in zip(net.parameters(), plain.parameters()):
+    for p, q in zip(net.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
     assert torch.equal(net[1].running_mean, plain[1].running_mean)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests_support import conv_bnn_and_batch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from asbatch.adversarial import as_step
-from tests_support import conv_bnn_and_batch
 
 
 def _rank_grads(rank: int, x, y, ddp_init: str | None, out: str) -> None:
@@ -42,6 +42,6 @@ def test_ddp_as_step_averages_per_rank_gradients_and_keeps_ranks_identical(tmp_p
         _rank_grads(rank, x[half], y[half], None, str(tmp_path / "single"))
     single = [torch.load(tmp_path / f"single.{r}") for r in range(2)]
 
-    for g0, g1, s0, s1 in zip(ddp[0], ddp[1], single[0], single[1]):
+    for g0, g1, s0, s1 in zip(ddp[0], ddp[1], single[0], single[1], strict=True):
         assert torch.equal(g0, g1), "ranks must hold identical gradients after the step"
         assert torch.allclose(g0, (s0 + s1) / 2, atol=1e-6), "DDP gradient = mean of per-rank gradients"

@@ -71,8 +71,8 @@ def test_sample_noise_with_generator_is_reproducible_and_returns_held_eps():
     net = make_bayesian(small_net())
     a = sample_noise(net, torch.Generator().manual_seed(7))
     b = sample_noise(net, torch.Generator().manual_seed(7))
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert all(u is v for u, v in zip(b, get_noise(net)))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert all(u is v for u, v in zip(b, get_noise(net), strict=True))
     assert [tuple(e.shape) for e in a] == [tuple(g.log_sigma.shape) for _, _, g in bayesian_weights(net)]
 
 

@@ -11,8 +11,7 @@ import torch
 from cifar_fixtures import write_fake_cifar10, write_fake_cifar100, write_fake_svhn
 
 from asbatch.config import DataConfig
-from asbatch.data import (DataNotFoundError, Dataset, DeviceLoader, load, load_for, loader_for, resolve_root,
-                          synthetic)
+from asbatch.data import DataNotFoundError, Dataset, DeviceLoader, load, load_for, loader_for, resolve_root, synthetic
 
 # ------------------------------------------------------------------------------------------- data sets
 
@@ -148,7 +147,7 @@ def _batches(loader: DeviceLoader, epoch: int, start: int = 0) -> list[tuple[tor
 
 def _assert_same(a: list, b: list) -> None:
     assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -213,7 +212,7 @@ def test_rank_shards_concatenate_to_the_single_process_batch(train, drop_last):
     single = _batches(_loader(ds, **kw), 7)
     ranks = [_batches(_loader(ds, rank=r, world_size=2, **kw), 7) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(single)
-    for (x, y), (x0, y0), (x1, y1) in zip(single, *ranks):
+    for (x, y), (x0, y0), (x1, y1) in zip(single, *ranks, strict=True):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     assert ranks[0][0][0].shape[0] == 4
 

@@ -205,7 +205,7 @@ def _data(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(zip(x.split(size), y.split(size)))
+    return list(zip(x.split(size), y.split(size), strict=True))
 
 
 def _deterministic_model() -> nn.Module:
@@ -271,7 +271,7 @@ def test_training_flag_noise_mode_and_held_eps_are_restored():
     model.eval()
     predict(model, _batches(x, y, 16), num_samples=2)
     assert not model.training
-    assert all(a is b for a, b in zip(bayes.get_noise(model), held))
+    assert all(a is b for a, b in zip(bayes.get_noise(model), held, strict=True))
     assert [g.mode for _, _, g in bayes.bayesian_weights(model)] == ["fixed", "fixed"]
 
 

@@ -54,8 +54,9 @@ def test_bayesian_parameter_count_is_twice_the_deterministic():
 
 def test_bayesian_resnet_in_mean_mode_equals_its_deterministic_source():
     det = build_model("resnet20", 10).eval()
-    from asbatch.bayes import make_bayesian
     import copy
+
+    from asbatch.bayes import make_bayesian
     bayes = make_bayesian(copy.deepcopy(det)).eval()
     x = torch.randn(3, 3, 32, 32)
     with noise_mode(bayes, "mean"):

@@ -104,9 +104,10 @@ def test_fine_tune_from_a_missing_or_mismatched_run_fails_before_training(tmp_pa
                           schedule={"epochs": 1})
     train(other, tmp_path / "t" / "narrow")
     mismatched = digits_config(model={"name": "mlp", "init_from": str(tmp_path / "t" / "narrow")})
-    with pytest.raises(ValueError, match="does not fit mlp.*shape mismatch"):
+    with pytest.raises(ValueError, match=r"does not fit mlp.*shape mismatch"):
         train(mismatched, tmp_path / "t" / "b")
-    assert not (tmp_path / "t" / "b" / "checkpoints").exists() or not any((tmp_path / "t" / "b" / "checkpoints").iterdir())
+    checkpoints = tmp_path / "t" / "b" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
 
 
 def test_should_stop_saves_a_checkpoint_at_that_step_and_a_rerun_finishes_identically(tmp_path):
