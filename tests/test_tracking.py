@@ -8,8 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import yaml
@@ -17,6 +17,7 @@ import yaml
 from asbatch import tracking
 from asbatch.rundir import RunDir, offline_segments
 from asbatch.tracking import sync as tracking_sync
+from asbatch.tracking.offline import read_finished_segment
 
 CONFIG = {
     "sweep": "tracked", "cpu": True, "checkpoint_every": 4,
@@ -28,19 +29,29 @@ CONFIG = {
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B key; must never reach a file
 
 
-def run(tmp_path: Path, fault: str = "") -> int:
+def run(tmp_path: Path, fault: str = "", config: dict | None = None, runs: Path | None = None) -> int:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
+    path.write_text(yaml.safe_dump(config or CONFIG))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "ASBATCH_FAULT": fault,
            "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, "-m", "asbatch", "run", str(path), "--runs-root", str(tmp_path / "runs")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "asbatch", "run", str(path), "--runs-root",
+                           str(runs or tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
     return proc.returncode
 
 
+def history(run_dir: Path) -> list[int]:
+    """Every history step the run's offline W&B segments hold, read back from their files, in order."""
+    return [step for seg in offline_segments(RunDir(run_dir)) for step in read_finished_segment(seg).history_steps]
+
+
+def summaries(run_dir: Path) -> set[str]:
+    return {key for seg in offline_segments(RunDir(run_dir)) for key in read_finished_segment(seg).summary_keys}
+
+
 @pytest.mark.slow
-def test_offline_run_keeps_its_id_across_a_kill_and_writes_no_secret(tmp_path):
+def test_offline_run_keeps_its_id_across_a_kill_logs_every_epoch_once_and_writes_no_secret(tmp_path):
     assert run(tmp_path, "step:5") == -signal.SIGKILL  # 4 steps per epoch: killed in epoch 2
     assert run(tmp_path) == 0
     (run_dir,) = (tmp_path / "runs" / "tracked").iterdir()
@@ -50,11 +61,45 @@ def test_offline_run_keeps_its_id_across_a_kill_and_writes_no_secret(tmp_path):
     assert all(s.name.endswith(f"-{run_id}") for s in segments), [s.name for s in segments]
     state = json.loads((run_dir / "wandb.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
-    assert state["id"] == run_id and state["mode"] == "offline"
-    assert state["last_step"] == results["train"]["global_steps"] == 8
+    assert state["id"] == run_id and state["mode"] == "offline" and state["finished"] is True
+    # the killed segment's W&B service wrote nothing; the next segment logged epoch 1 (step 4) again
+    assert history(run_dir) == [4, 8, 9] and results["train"]["global_steps"] == 8
+    assert "evaluation/ensemble_accuracy" in summaries(run_dir)
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), f"API key written to {path}"
+
+
+@pytest.mark.slow
+def test_a_dead_wandb_service_never_changes_training_and_a_restart_completes_wandb(tmp_path):
+    import psutil
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "schedule": {"name": "cosine", "epochs": 4}}))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "asbatch", "run", str(path), "--runs-root", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "tracked"
+    deadline = time.monotonic() + 120
+    while not any(len(p.read_text().splitlines()) >= 1 for p in metrics.glob("*/metrics.jsonl")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    services = [c for c in psutil.Process(proc.pid).children(recursive=True) if "wandb" in " ".join(c.cmdline())]
+    assert services, "W&B runs a service process next to training"
+    for child in services:
+        child.kill()
+    _, err = proc.communicate(timeout=300)
+
+    assert proc.returncode == 0, err[-3000:]
+    (run_dir,) = metrics.iterdir()
+    assert (run_dir / "results.json").exists() and "Traceback" not in err
+    assert err.count("[asbatch] W&B failed") <= 1
+    assert json.loads((run_dir / "wandb.json").read_text()).get("finished") is not True
+    assert run(tmp_path.joinpath("again"), config={**CONFIG, "schedule": {"name": "cosine", "epochs": 4}},
+               runs=tmp_path / "runs") == 0  # a finished run: W&B is completed, nothing is trained
+    assert history(run_dir)[:4] == [4, 8, 12, 16] and sorted(history(run_dir)) == [4, 8, 12, 16, 17]
+    assert "evaluation/ensemble_accuracy" in summaries(run_dir)
+    assert json.loads((run_dir / "wandb.json").read_text())["finished"] is True
 
 
 def test_auto_mode_is_offline_without_a_key_and_env_overrides(monkeypatch, tmp_path):
@@ -103,21 +148,34 @@ def test_sync_uploads_segments_in_order_into_one_id_and_records_them(tmp_path, m
     assert tracking.sync_run(run_dir) == [], "synced segments are not uploaded twice"
 
 
-def test_a_resumed_segment_does_not_log_a_step_again(tmp_path):
-    """The W&B run object is a recorder here (its binary offline log has no reader in this wandb version)."""
+def test_a_resumed_segment_logs_only_the_steps_earlier_segments_did_not_persist(tmp_path, monkeypatch):
+    """Real offline W&B: a first segment persists epoch 1 (step 4); the next one is given the rows of
+    epochs 1 and 2 and logs step 8 only."""
     from asbatch.config import RunConfig
 
-    class Recorder:
-        logged: ClassVar[list] = []
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = RunConfig.model_validate(CONFIG)
+    with tracking.Tracker(config, tmp_path) as first:
+        first.log_epoch({"epoch": 0, "train_loss": 1.0}, step=4)
+    assert history(tmp_path) == [4] and tracking.persisted_steps(RunDir(tmp_path)) == {4}
 
-        def log(self, row, step):
-            self.logged.append(step)
+    with tracking.Tracker(config, tmp_path) as second:
+        assert second.has(4) and not second.has(8)
+        second.catch_up([{"epoch": 0, "global_step": 4}, {"epoch": 1, "global_step": 8}])
+    assert history(tmp_path) == [4, 8]
 
-    config = RunConfig.model_validate({k: v for k, v in CONFIG.items() if k != "tracking"})
-    (tmp_path / "wandb.json").write_text(json.dumps({"last_step": 4}))  # left by a killed segment
-    tracker = tracking.Tracker(config, tmp_path)
-    tracker.run = Recorder()
-    for step in (4, 8):  # the resumed segment re-runs epoch 1 (ending at step 4), then epoch 2
-        tracker.log_epoch({"epoch": step // 4 - 1}, step=step)
-    assert tracker.run.logged == [8]
-    assert json.loads((tmp_path / "wandb.json").read_text())["last_step"] == 8
+
+def test_a_segment_file_is_read_back_record_by_record(tmp_path):
+    from asbatch.tracking.offline import BLOCK_SIZE, records
+
+    header = b":W&B\xe1\xbe\x00"
+    big = bytes(range(256)) * 200  # spans two blocks: a FIRST and a LAST fragment
+    first = BLOCK_SIZE - len(header) - 7
+    body = (b"\0\0\0\0" + len(b"abc").to_bytes(2, "little") + b"\x01abc"
+            + b"\0\0\0\0" + (first - 10).to_bytes(2, "little") + b"\x02" + big[:first - 10])
+    rest = big[first - 10:]
+    path = tmp_path / "run.wandb"
+    path.write_bytes(header + body + b"\0\0\0\0" + len(rest).to_bytes(2, "little") + b"\x04" + rest)
+    assert records(path) == [b"abc", big]
+    path.write_bytes(header)  # a segment whose service was killed before writing anything
+    assert records(path) == []
