@@ -13,6 +13,7 @@
             results.json                  written last: the run is finished
             wandb/ wandb.json             W&B files and what W&B holds / what was synced
             requeues.json                 the task's own requeues
+            failure.json                  why the last attempt failed (removed when an attempt starts)
             <figure>.png                  per-run figures logged to W&B
 
 Modelled on submitit's `JobPaths`: one object names every file; everyone else asks it.
@@ -94,6 +95,10 @@ class RunDir:
     def requeues_file(self) -> Path:
         return self.path / "requeues.json"
 
+    @property
+    def failure_file(self) -> Path:
+        return self.path / "failure.json"
+
     def figure(self, name: str) -> Path:
         return self.path / f"{name}.png"
 
@@ -145,6 +150,24 @@ class RunDir:
     def write_requeues(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.requeues_file, record)
+
+    def write_failure(self, error: str) -> None:
+        """Record why this attempt failed (`error`: 'Type: message'), for `asbatch status`."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.failure_file, {"error": error})
+
+    def read_failure(self) -> str | None:
+        """The first line of why the last attempt failed, or None."""
+        if not self.failure_file.is_file():
+            return None
+        try:
+            error = str(read_json(self.failure_file).get("error", ""))
+        except (RunDirError, AttributeError):
+            return None
+        return error.strip().splitlines()[0] if error.strip() else None
+
+    def clear_failure(self) -> None:
+        self.failure_file.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

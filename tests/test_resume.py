@@ -99,3 +99,16 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, referen
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"skipping checkpoint {newest}" in proc.stderr
     assert_identical(run_dir, reference)
+
+
+def test_a_killed_fp16_run_resumes_bitwise_identical_with_its_grad_scaler(tmp_path):
+    config = {**CONFIG, "precision": "fp16", "schedule": {"name": "cosine", "epochs": 2}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run(path, tmp_path / "reference") == 0
+    assert run(path, tmp_path / "runs", "step:11") == -signal.SIGKILL  # after the step-10 checkpoint
+    assert run(path, tmp_path / "runs") == 0
+    (reference,) = (tmp_path / "reference" / "resume").iterdir()
+    (resumed,) = (tmp_path / "runs" / "resume").iterdir()
+    assert_identical(resumed, outcome(reference))
+    assert json.loads((resumed / "results.json").read_text())["train"]["precision"] == "fp16"

@@ -121,3 +121,75 @@ def test_should_stop_saves_a_checkpoint_at_that_step_and_a_rerun_finishes_identi
     assert [p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step-*")] == ["step-000000013"]
     resumed = train(cfg, tmp_path / "stopped")
     assert resumed["evaluation"] == reference["evaluation"]
+
+
+def test_epoch_timing_covers_the_whole_epoch_even_with_mid_epoch_checkpoints(tmp_path):
+    cfg = digits_config(schedule={"name": "cosine", "epochs": 2}, checkpoint_every=3, adversarial__lam=0.8)
+    results = train(cfg, tmp_path / "r")
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = results["train"]["global_steps"] // 2
+    # each epoch's step time covers all of its steps (not only those after its last mid-epoch checkpoint)
+    assert sum(r["step_time_s"] * steps for r in rows) == pytest.approx(results["timing"]["train_time_s"], rel=1e-9)
+    for r in rows:
+        assert r["images_per_s"] * r["step_time_s"] * steps == pytest.approx(steps * 64, rel=1e-9)
+
+
+def test_a_loss_that_is_non_finite_before_any_checkpoint_says_so(tmp_path):
+    cfg = digits_config(optim={"name": "sgd", "lr": 1e12}, schedule={"name": "constant", "epochs": 3},
+                        checkpoint_every=10_000)
+    with pytest.raises(NonFiniteLossError, match=r"at global step \d+ \(epoch 0\); no checkpoint was written"):
+        train(cfg, tmp_path / "nan")
+    from asbatch.rundir import RunDir
+
+    assert RunDir(tmp_path / "nan").read_failure().startswith("NonFiniteLossError: loss is nan at global step")
+
+
+def test_fp16_trains_in_fp16_on_cpu_and_checkpoints_its_grad_scaler(tmp_path):
+    fp16 = train(digits_config(precision="fp16", schedule={"name": "cosine", "epochs": 2}, adversarial__lam=0.8),
+                 tmp_path / "fp16")
+    fp32 = train(digits_config(precision="no", schedule={"name": "cosine", "epochs": 2}, adversarial__lam=0.8),
+                 tmp_path / "fp32")
+    assert (fp16["train"]["precision"], fp32["train"]["precision"]) == ("fp16", "fp32")
+    assert fp16["evaluation"] != fp32["evaluation"], "fp16 must really run in fp16"
+    assert fp16["evaluation"]["ensemble_accuracy"] > 0.5
+    ckpt = sorted((tmp_path / "fp16" / "checkpoints").glob("step-*"))[-1]
+    scaler = torch.load(ckpt / "shared.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_the_perturbation_stays_finite_and_bounded(tmp_path):
+    from asbatch.bayes import get_noise
+    from asbatch.rundir import RunDir
+    from asbatch.train.trainer import Trainer
+
+    cfg = digits_config(precision="fp16", adversarial__lam=0.8, adversarial={"lam": 0.8, "steps": 3, "alpha": 0.02})
+    trainer = Trainer(cfg, RunDir(tmp_path / "r"))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # every fp16 gradient overflows
+    before = [p.detach().clone() for p in trainer.inner.parameters()]
+    x, y = next(iter(trainer.train_loader.epoch(0)))
+    trainer.step(x, y)
+    assert trainer.prog.skipped_steps == 1 and trainer.scaler.get_scale() == 2.0**39
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.inner.parameters(), strict=True)), "step skipped"
+    eps = get_noise(trainer.inner)
+    assert all(torch.isfinite(e).all() for e in eps), "non-finite gradients never move eps to NaN / inf"
+
+
+def test_a_stop_during_the_final_evaluation_keeps_the_epoch_checkpoint_and_redoes_only_the_evaluation(tmp_path):
+    from asbatch.train import TrainingInterrupted
+
+    cfg = digits_config(schedule={"name": "cosine", "epochs": 2}, adversarial__lam=0.8,
+                        data={"name": "digits", "batch_size": 64, "test_batch_size": 90})
+    reference = train(cfg, tmp_path / "ref")
+    steps = reference["train"]["global_steps"]
+    polls = []
+    # polled after each of the steps, after each epoch, then before every evaluation batch: stop in the middle
+    stop_at = steps + 2 + 7
+    with pytest.raises(TrainingInterrupted, match=f"global step {steps}"):
+        train(cfg, tmp_path / "stopped", should_stop=lambda: polls.append(1) or len(polls) >= stop_at)
+    run_dir = tmp_path / "stopped"
+    assert not (run_dir / "results.json").exists()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert len(metrics.splitlines()) == 2
+    resumed = train(cfg, run_dir)
+    assert (run_dir / "metrics.jsonl").read_text() == metrics, "no epoch was trained again"
+    assert resumed["evaluation"] == reference["evaluation"] and resumed["train"] == reference["train"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,10 +124,13 @@ class _Accumulator:
         return probs
 
 
-def _forward_probs(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[list, list]:
+def _forward_probs(model: nn.Module, batches: Iterable, device: torch.device,
+                   on_batch: Callable[[], None] | None = None) -> tuple[list, list]:
     """Softmax (float32) and labels of every batch for the model's current weights."""
     probs, labels = [], []
     for batch in batches:
+        if on_batch is not None:
+            on_batch()
         x, y = batch[0], batch[1]
         logits = model(x.to(device))
         # softmax in float32 even under half / bfloat16 logits, so tiny probabilities do not flush to 0
@@ -143,6 +146,7 @@ def predict(
     seed: int = 0,
     device: torch.device | str | None = None,
     keep_samples: bool = False,
+    on_batch: Callable[[], None] | None = None,
 ) -> Predictions:
     """Monte-Carlo prediction with `num_samples` weight samples, each fixed over the whole data set.
 
@@ -152,7 +156,9 @@ def predict(
     and runs under no_grad and `parametrize.cached()`, so every weight is computed once per sample. A deterministic
     (non-Bayesian) model is run once: S = 1. The model runs in eval mode; its training flags and noise
     state are restored afterwards. `device` defaults to the model's device. Memory is O(N x C) whatever
-    S is; `keep_samples=True` also returns the S x N x C per-sample probabilities.
+    S is; `keep_samples=True` also returns the S x N x C per-sample probabilities. `on_batch` is called before
+    every batch (a training loop raises from it to stop a long evaluation when asked to; the model's state is
+    restored all the same).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -166,7 +172,7 @@ def predict(
             if bayesian:
                 sample_noise(model, torch.Generator().manual_seed(sample_seed(seed, s)))
             with parametrize.cached():
-                probs = acc.add_sample(*_forward_probs(model, batches, device))
+                probs = acc.add_sample(*_forward_probs(model, batches, device, on_batch))
             if keep_samples:
                 kept.append(probs.cpu())
     return Predictions(
@@ -228,6 +234,7 @@ def evaluate(
     score: str = "entropy",
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     device: torch.device | str | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict:
     """Predict with `num_samples` weight samples and return JSON-serialisable metrics (floats, lists).
 
@@ -241,6 +248,8 @@ def evaluate(
     """
     if score not in SCORES:  # fail before the expensive prediction
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    pred = predict(model, batches, num_samples, seed=seed, device=device)
-    ood = predict(model, ood_batches, num_samples, seed=seed, device=device) if ood_batches is not None else None
+    pred = predict(model, batches, num_samples, seed=seed, device=device, on_batch=on_batch)
+    ood = None
+    if ood_batches is not None:
+        ood = predict(model, ood_batches, num_samples, seed=seed, device=device, on_batch=on_batch)
     return summarize(pred, score=score, fractions=fractions, ood=ood)

@@ -68,6 +68,12 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def latest_step(ckpt_root: Path) -> int | None:
+    """The global step of the newest complete checkpoint, or None."""
+    done = [c for c in sorted(ckpt_root.glob(f"{PREFIX}*")) if (c / "COMPLETE").is_file()]
+    return int(done[-1].name.removeprefix(PREFIX)) if done else None
+
+
 def load_latest(ckpt_root: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
     """(shared, rank_state) of the newest valid checkpoint, or None. rank_state is None when the checkpoint
     was written by fewer ranks (resuming on a different world size: that rank re-seeds)."""

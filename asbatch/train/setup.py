@@ -1,10 +1,10 @@
 """What a run is built from: the Accelerator, precision, model (with its init), optimizer, schedule, RNG state.
 
 Precision is asbatch's, not Accelerate's: Accelerate's mixed precision is process-wide state that cannot
-change between the runs `asbatch run SPEC` trains in one process (only a private reset could), and it is
-off on CPU. So every run creates a plain `Accelerator(mixed_precision="no")` (distribution, DDP, collectives;
-creating it again with the same arguments is supported), and the model's forward runs under
-`torch.autocast` here, with a `torch.amp.GradScaler` for fp16.
+change between the runs `asbatch run SPEC` trains in one process (only a private reset could), and it
+silently trains fp16 in fp32 on CPU. So every run creates a plain `Accelerator(mixed_precision="no")`
+(distribution, DDP, collectives; creating it again with the same arguments is supported), and the model's
+forward runs under `torch.autocast` here, with a `torch.amp.GradScaler` for fp16.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
 
 def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the run's precision on this device (None: fp32). fp16 on CPU runs in fp32."""
-    if config.precision == "fp16" and device.type == "cpu":
-        return None
+    """The autocast dtype of the run's precision (None: fp32). fp16 and bf16 run as asked on CPU too (CPU
+    autocast and `GradScaler("cpu")`), so the fp16 path GPU users rely on is the one tested here."""
     return AUTOCAST_DTYPES.get(config.precision)
 
 

@@ -8,6 +8,7 @@ to an uninterrupted one.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -62,6 +63,8 @@ class Progress:
     epoch_loss_sum: float = 0.0
     epoch_correct: int = 0
     epoch_seen: int = 0
+    epoch_time_s: float = 0.0  # seconds spent on the current epoch, over all segments
+    skipped_steps: int = 0      # fp16: optimizer steps the grad scaler skipped (inf / NaN gradients)
 
 
 @torch.no_grad()
@@ -124,6 +127,8 @@ class Trainer:
         model = autocast_forward(model.to(self.device), self.device, autocast_dtype(config, self.device))
         self.optimizer = make_optimizer(config, model.parameters())
         self.scaler = make_scaler(config, self.device)
+        dtype = autocast_dtype(config, self.device)
+        self.precision_ran = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config, step / self.steps_per_epoch))
         self.model = acc.prepare(model)
@@ -183,34 +188,47 @@ class Trainer:
             loss = F.cross_entropy(logits, y)
             self._backward(loss)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss.item()} at global step {self.prog.global_step} (epoch "
-                                     f"{self.prog.epoch}); the last good checkpoint in {self.run_dir.checkpoints} "
-                                     "is kept")
+            raise NonFiniteLossError(self._non_finite_message(loss.item()))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf / NaN; the scale then drops
             self.scaler.update()
+            self.prog.skipped_steps += int(self.scaler.get_scale() < scale)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows the data position, skipped fp16 steps included
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+            self.scheduler.step()
         return loss.detach(), logits.detach()
+
+    def _non_finite_message(self, loss: float) -> str:
+        last = checkpoint.latest_step(self.run_dir.checkpoints)
+        kept = (f"the last good checkpoint (step {last}) in {self.run_dir.checkpoints} is kept" if last is not None
+                else "no checkpoint was written before it")
+        return f"loss is {loss} at global step {self.prog.global_step} (epoch {self.prog.epoch}); {kept}"
 
     def run_epoch(self, should_stop: Callable[[], bool] | None, bar) -> tuple[float, float]:
         """Train the rest of the current epoch (checkpointing every `checkpoint_every` steps); returns this
-        rank's summed epoch loss and the seconds this segment spent on the epoch. Raises
+        rank's summed epoch loss and the seconds spent on the whole epoch (over all segments). Raises
         TrainingInterrupted after a checkpoint if asked to stop."""
         prog, started = self.prog, time.time()
         loss_sum = torch.tensor(prog.epoch_loss_sum, device=self.device)
 
-        def checkpoint_mid_epoch() -> None:
+        def clock() -> None:  # move the time since `started` into the progress (checkpointed) counters
             nonlocal started
+            now = time.time()
+            prog.train_time_s += now - started
+            prog.epoch_time_s += now - started
+            started = now
+
+        def checkpoint_mid_epoch() -> None:
             prog.epoch_loss_sum = loss_sum.item()
-            prog.train_time_s += time.time() - started
-            started = time.time()
+            clock()
             self.save_checkpoint()
 
         self.model.train()
@@ -229,9 +247,8 @@ class Trainer:
                 raise TrainingInterrupted(prog.global_step)
             if prog.global_step % self.config.checkpoint_every == 0 and prog.step_in_epoch < self.steps_per_epoch:
                 checkpoint_mid_epoch()
-        epoch_time = time.time() - started
-        prog.train_time_s += epoch_time
-        return loss_sum.item(), epoch_time
+        clock()
+        return loss_sum.item(), prog.epoch_time_s
 
     def epoch_metrics(self, loss_sum: float, epoch_time: float) -> dict[str, Any] | None:
         """The epoch's metrics row on rank 0 (None elsewhere; a collective, all ranks call it)."""
@@ -257,23 +274,34 @@ class Trainer:
         prog = self.prog
         prog.epoch += 1
         prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = 0
-        prog.epoch_loss_sum = 0.0
+        prog.epoch_loss_sum = prog.epoch_time_s = 0.0
         self.save_checkpoint()
         checkpoint.fault_point("epoch", prog.epoch)
 
-    def results(self, wall_start: float) -> dict[str, Any]:
+    def stop_if_asked(self, should_stop: Callable[[], bool] | None) -> None:
+        """After an epoch-end checkpoint: stop there if any rank was asked to (collective)."""
+        if should_stop is not None and stop_agreed(self.accelerator, should_stop()):
+            raise TrainingInterrupted(self.prog.global_step)
+
+    def results(self, wall_start: float, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Rank 0: the final S-sample evaluation, the final weights, and the results dict (collective: all
-        ranks call it)."""
+        ranks call it). The evaluation stops at the next batch when asked to; the epoch-end checkpoint is
+        already written, so the resumed run redoes only the evaluation."""
         in_sync = ranks_in_sync(self.accelerator, self.inner)
         if not self.is_main:
             return {}
+
+        def interrupt_if_asked() -> None:
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(self.prog.global_step)
+
         config, ev = self.config, self.config.eval
         ood_loader = None
         if ev.ood is not None:
             ood_data = DataConfig(name=ev.ood, root=config.data.root, test_batch_size=config.data.test_batch_size)
             ood_loader = loader_for(ood_data, "test", seed=0, device=self.device)
         evaluation = evaluate(self.inner, self.test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
-                              score=ev.score)
+                              score=ev.score, on_batch=interrupt_if_asked)
         atomic_write_bytes(self.run_dir.model_file, lambda f: torch.save(self.inner.state_dict(), f))
         prog = self.prog
         return {
@@ -281,7 +309,9 @@ class Trainer:
             "config": config.to_dict(), "code_version": code_version(),
             "evaluation": evaluation,
             "train": {"epochs": prog.epoch, "global_steps": prog.global_step, "best_test_acc": prog.best_test_acc,
-                      "kl_weight": self.kl_weight, "world_size": self.world, "ranks_in_sync": in_sync},
+                      "kl_weight": self.kl_weight, "world_size": self.world, "ranks_in_sync": in_sync,
+                      "precision": self.precision_ran, "device": self.device.type,
+                      "skipped_steps": prog.skipped_steps},
             # timing differs between an interrupted and an uninterrupted run; everything else must not
             "timing": {"train_time_s": prog.train_time_s, "wall_time_s_this_segment": time.time() - wall_start},
         }
