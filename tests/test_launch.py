@@ -42,6 +42,7 @@ MEDIUM = {**TINY, "checkpoint_every": 10, "data": {**TINY["data"], "train_subset
 # 5 to 35 s after the start; training must still be running then
 LONG = {**MEDIUM, "checkpoint_every": 25, "model": {"name": "mlp", "width": 512, "init_sigma": 0.01},
         "schedule": {"name": "cosine", "epochs": 40}}
+OFFLINE_WANDB = {"tracking": {"wandb": "offline", "project": "asbatch-tests"}}
 
 
 def write_spec(path: Path, sweep: str, stages: dict | None = None, defaults: dict | None = None,
@@ -108,6 +109,25 @@ def job_history(job_id: str, timeout: float = 30) -> list[str]:
     return wait_for(final, timeout, f"a final state of job {job_id} in sacct")
 
 
+def assert_wandb_has_every_epoch_once(run_dir: Path) -> None:
+    """Read the run's offline W&B files back: each epoch's step exactly once over all segments, the final
+    evaluation once, and the summary."""
+    from asbatch.rundir import RunDir, offline_segments
+    from asbatch.tracking.offline import read_segment
+
+    epochs = [json.loads(line)["global_step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def segments():  # the last segment's W&B service may still be writing when results.json appears
+        found = [read_segment(s) for s in offline_segments(RunDir(run_dir))]
+        done = any("evaluation/ensemble_accuracy" in seg.summary_keys for seg in found)
+        return found if done and sorted(s for seg in found for s in seg.history_steps)[-1:] == [epochs[-1] + 1] \
+            else None
+
+    found = wait_for(segments, 30, f"{run_dir.name}: W&B's summary in its offline files")
+    steps = [step for seg in found for step in seg.history_steps]
+    assert sorted(steps) == [*epochs, epochs[-1] + 1], (run_dir.name, [s.history_steps for s in found])
+
+
 def epochs_done(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -136,7 +156,8 @@ def train_reference(config, run_dir: Path) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(config.model_validate({**config.to_dict(), "sweep": "reference"}), run_dir)
+        train(config.model_validate({**config.to_dict(), "sweep": "reference", "tracking": {"wandb": "disabled"}}),
+              run_dir)
     finally:
         torch.set_num_threads(threads)
     return run_dir
@@ -186,7 +207,7 @@ def time_limit_run(local_slurm, releaser, tmp_path_factory):
     """A LONG run with a 1 min limit and USR2 25 s before it, submitted when the module's first Slurm test
     asks for it so that it trains while the other tests run; `test_time_limit_...` checks it."""
     root = tmp_path_factory.mktemp("time_limit")
-    spec = write_spec(root / "spec.yaml", "time_limit", defaults=LONG,
+    spec = write_spec(root / "spec.yaml", "time_limit", defaults={**LONG, **OFFLINE_WANDB},
                       stages={"train": {"config": {"adversarial": {"lam": 0.8}}, "resources": {"time": 1}}})
     sweep = load_sweep(spec)
     with mock.patch.dict(os.environ, {"ASBATCH_SIGNAL_DELAY_S": "25"}):
@@ -214,7 +235,7 @@ def test_dry_run_prints_runs_and_sbatch_parameters_and_submits_nothing(local_slu
         assert run.run_id in result.output
     for flag in ("--job-name=dry:pretrain", "--job-name=dry:fine_tune", "--partition=debug", "--time=5",
                  "--mem=1GB", "--cpus-per-task=1", "--ntasks-per-node=1", "--array=0-1%2", "--signal=USR2@90",
-                 "--dependency=afterok:<pretrain array>", "export OMP_NUM_THREADS=1"):
+                 "--dependency=aftercorr:<pretrain array>", "export OMP_NUM_THREADS=1"):
         assert flag in result.output, flag
     assert queue(tmp_path, since) == []
     assert not (tmp_path / "runs").exists()
@@ -279,7 +300,7 @@ def test_two_stages_become_two_arrays_in_order_and_a_resubmit_submits_nothing(lo
     assert sorted(s.array_job_id for s in manifest.submissions) == sorted([*arrays.values()] * 2)
     assert len(list((root / "two_stages" / ".slurm").glob("*/*_submission.sh"))) == 2, "one sbatch per stage"
     dependency = sh("scontrol", "show", "job", "-o", arrays["fine_tune"])
-    assert f"Dependency=afterok:{arrays['pretrain']}" in dependency, dependency
+    assert f"Dependency=aftercorr:{arrays['pretrain']}" in dependency, dependency  # task i after task i
     assert {s.wandb_id for s in manifest.submissions} == {s.run_id for s in manifest.submissions}
 
     run_dirs = [Path(s.run_dir) for s in manifest.submissions]
@@ -287,9 +308,9 @@ def test_two_stages_become_two_arrays_in_order_and_a_resubmit_submits_nothing(lo
 
     rows = sacct(arrays.values(), "JobID,State,Start,End")
     assert sorted(r[0] for r in rows) == sorted(f"{a}_{t}" for a in arrays.values() for t in (0, 1))
-    pretrain_end = max(r[3] for r in rows if r[0].startswith(f"{arrays['pretrain']}_"))
-    fine_tune_start = min(r[2] for r in rows if r[0].startswith(f"{arrays['fine_tune']}_"))
-    assert fine_tune_start >= pretrain_end, rows
+    times = {r[0]: (r[2], r[3]) for r in rows}
+    for task in (0, 1):  # each fine-tune run starts after its own pretrain run ended
+        assert times[f"{arrays['fine_tune']}_{task}"][0] >= times[f"{arrays['pretrain']}_{task}"][1], rows
     done = wait_for(lambda: (st := sweep_status(root / "two_stages")) and all(
         r.slurm_state == "COMPLETED" and r.slurm_source == "sacct" for r in st.runs) and st, 30,
         "sacct to report COMPLETED")
@@ -358,7 +379,7 @@ def test_retry_resubmits_failed_runs_and_the_runs_stuck_behind_them(local_slurm,
     manifest = Manifest.load(root / "flaky")
     old, new = first.arrays, manifest.arrays[len(first.arrays):]
     assert [a.stage for a in new] == ["pretrain", "fine_tune"]
-    assert new[1].dependency == f"afterok:{new[0].array_job_id}"
+    assert new[1].dependency == f"aftercorr:{new[0].array_job_id}", "task i after task i of the new array"
     assert f"resubmitted 2 runs as {new[0].array_job_id}" in result.output
     wait_for_results([Path(s.run_dir) for s in first.submissions], 120)
     assert {row[1].split()[0] for row in sacct([old[1].array_job_id])} == {"CANCELLED"}, "stuck tasks cancelled"
@@ -373,7 +394,8 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
     """`scontrol requeue` (SIGTERM: save, Slurm requeues) and `scancel --signal=USR2` (the time-limit
     warning: save, the task requeues itself) of running tasks; both end identical to train() in-process."""
     stages = {"train": {"resources": {"time": 5}}}
-    specs = {kind: write_spec(tmp_path / f"{kind}.yaml", kind, stages, defaults=MEDIUM) for kind in ("requeue", "usr2")}
+    specs = {kind: write_spec(tmp_path / f"{kind}.yaml", kind, stages, defaults={**MEDIUM, **OFFLINE_WANDB})
+             for kind in ("requeue", "usr2")}
     manifests = {kind: submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
                  for kind, spec in specs.items()}
     jobs = {kind: m.submissions[0].job_id for kind, m in manifests.items()}
@@ -389,6 +411,7 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
 
     for kind, run_dir in run_dirs.items():
         assert_same_results(run_dir, reference)
+        assert_wandb_has_every_epoch_once(run_dir)
         history = job_history(jobs[kind])
         assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", (kind, history)
         log = (run_dir.parent / ".slurm" / jobs[kind] / f"{jobs[kind]}_0_log.out").read_text()
@@ -396,6 +419,88 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
     usr2 = json.loads((run_dirs["usr2"] / "requeues.json").read_text())
     assert usr2["count"] == 1, "the USR2'd task requeued itself once"
     assert not (run_dirs["requeue"] / "requeues.json").exists(), "on SIGTERM Slurm requeues, not the task"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sigterm_mid_run_saves_stops_cleanly_and_retry_resumes_with_every_wandb_epoch_once(local_slurm, tmp_path):
+    """Slurm's SIGTERM (preemption, scancel --signal) also kills W&B's service: the task must still save
+    and stop with its own message, and the resumed run must log what W&B lost."""
+    spec = write_spec(tmp_path / "spec.yaml", "term", {"train": {"resources": {"time": 5}}},
+                      defaults={**MEDIUM, **OFFLINE_WANDB})
+    manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
+    job, run_dir = manifest.submissions[0].job_id, Path(manifest.submissions[0].run_dir)
+    wait_for(lambda: epochs_done(run_dir) >= 3, 90, "3 epochs", every=0.1)
+    sh("scancel", "--signal=TERM", job)
+    assert job_history(job, timeout=60)[-1] == "FAILED"
+    log = (run_dir.parent / ".slurm" / job / f"{job}_0_log.out").read_text()
+    err = (run_dir.parent / ".slurm" / job / f"{job}_0_log.err").read_text()
+    assert f"{run_dir.name}: SIGTERM -> checkpoint at step" in log, log
+    assert "Traceback" not in err, err[-3000:]
+    assert not (run_dir / "results.json").exists()
+
+    result = CliRunner().invoke(main, ["retry", "term", "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    reference = train_reference(load_sweep(spec).runs[0].config, tmp_path / "reference")
+    wait_for_results([run_dir], 180)
+    assert_same_results(run_dir, reference)
+    assert_wandb_has_every_epoch_once(run_dir)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr2_during_the_final_evaluation_requeues_and_the_task_redoes_only_the_evaluation(local_slurm, tmp_path,
+                                                                                           releaser):
+    long_eval = {**TINY, "data": {**TINY["data"], "test_batch_size": 40}, "eval": {"num_samples": 2000}}
+    spec = write_spec(tmp_path / "spec.yaml", "eval_usr2", {"train": {"resources": {"time": 5}}}, defaults=long_eval)
+    manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
+    job, run_dir = manifest.submissions[0].job_id, Path(manifest.submissions[0].run_dir)
+    releaser.watch(job)
+    wait_for(lambda: epochs_done(run_dir) == 2, 90, "both epochs", every=0.05)
+    time.sleep(1)  # inside the ~10 s evaluation
+    assert not (run_dir / "results.json").exists()
+    sh("scancel", "--signal=USR2", job)
+    reference = train_reference(load_sweep(spec).runs[0].config, tmp_path / "reference")
+    wait_for_results([run_dir], 240)
+
+    assert_same_results(run_dir, reference)
+    assert json.loads((run_dir / "requeues.json").read_text())["count"] == 1
+    history = job_history(job)
+    assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
+    log = (run_dir.parent / ".slurm" / job / f"{job}_0_log.out").read_text()
+    assert f"resumed {run_dir.name} at epoch 2 step 0" in log, log
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_one_failed_upstream_run_blocks_only_its_own_downstream_runs(local_slurm, tmp_path):
+    """2 pretrain runs (lambda collapsed), 4 fine-tune runs, each task after its own upstream task; one
+    pretrain run is killed while it trains."""
+    stages = {"pretrain": {**TWO_STAGES["pretrain"], "grid_ignore": ["adversarial.lam"]},
+              "fine_tune": {**TWO_STAGES["fine_tune"], "config": {}}}
+    spec = write_spec(tmp_path / "spec.yaml", "per_task", stages,
+                      grid={"seed": [0, 1], "adversarial.lam": [0.0, 0.8]})
+    manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
+    pre0, pre1, *fine_tunes = manifest.submissions
+    mine = [r for r in fine_tunes if r.upstream["pretrain"] == pre0.run_id]
+    others = [r for r in fine_tunes if r.upstream["pretrain"] == pre1.run_id]
+    wait_for(lambda: "RUNNING" in sh("squeue", "-h", "-j", pre0.job_id, "-o", "%T"), 60, "pretrain run 0 to start",
+             every=0.1)
+    sh("scancel", pre0.job_id)
+
+    wait_for_results([pre1.run_dir, *(r.run_dir for r in others)], 240)
+    status = wait_for(lambda: (st := sweep_status(tmp_path / "runs" / "per_task")) and all(
+        r.blocked for r in st.runs if r.run_id in {m.run_id for m in mine}) and st, 60,
+        "the fine-tune runs behind the killed pretrain run to be known as never running")
+    states = {r.run_id: (r.state, r.reason) for r in status.runs}
+    assert states[pre0.run_id][0] == "CANCELLED" and states[pre1.run_id][0] == "COMPLETED"
+    assert all(states[r.run_id] == ("COMPLETED", "") for r in others)
+    assert all(states[r.run_id] == ("PENDING", f"DependencyNeverSatisfied: upstream {pre0.job_id} failed")
+               for r in mine)
+
+    result = CliRunner().invoke(main, ["retry", "per_task", "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    wait_for_results([pre0.run_dir, *(r.run_dir for r in mine)], 240)
 
 
 @pytest.mark.slurm
@@ -431,6 +536,7 @@ def test_time_limit_usr2_saves_requeues_and_resumes_to_identical_results(local_s
     assert history.count("REQUEUED") == requeues["count"] and history[-1] == "COMPLETED", history
     assert "TIMEOUT" not in history
     assert_same_results(run_dir, reference)
+    assert_wandb_has_every_epoch_once(run_dir)
 
 
 # ------------------------------------------------------------------------------------------ without Slurm

@@ -82,9 +82,31 @@ def test_without_accounting_states_come_from_squeue_with_a_note(tmp_path, slurm)
     assert status.note.startswith("sacct failed (sacct: error: Slurm accounting storage is disabled)")
 
 
-def test_tasks_behind_a_failed_upstream_task_are_known_to_never_run(tmp_path, slurm):
+def test_task_i_of_the_same_grid_waits_for_task_i_of_its_upstream_array(tmp_path, slurm):
     manifest = submit(load_sweep(spec(tmp_path, 2, TWO_STAGES)), tmp_path / "runs", executor="slurm")
-    assert [a.dependency for a in manifest.arrays] == [None, "afterok:1000"]
+    assert [a.dependency for a in manifest.arrays] == [None, "aftercorr:1000"]
+    assert slurm.calls("scontrol") == [], "aftercorr needs no per-task update"
+    assert [r.dependency for r in manifest.submissions] == ["", "", "afterok:1000_0", "afterok:1000_1"]
+
+
+def test_each_task_of_a_collapsed_grid_waits_only_for_its_own_upstream_run(tmp_path, slurm):
+    path = tmp_path / "spec.yaml"
+    stages = {"pretrain": {**TWO_STAGES["pretrain"], "grid_ignore": ["adversarial.lam"]},
+              "fine_tune": TWO_STAGES["fine_tune"]}
+    path.write_text(yaml.safe_dump({"sweep": "s", "profile": "local", "defaults": CONFIG, "stages": stages,
+                                    "grid": {"seed": [0, 1], "adversarial.lam": [0.0, 0.8]}}))
+    manifest = submit(load_sweep(path), tmp_path / "runs", executor="slurm")
+
+    assert [a.dependency for a in manifest.arrays] == [None, "afterok:1000"]  # at sbatch: the whole array
+    seeds = [r.config["seed"] for r in manifest.submissions[2:]]
+    assert [slurm.job(f"1001_{t}")["dependency"] for t in range(4)] == [f"afterok:1000_{s}" for s in seeds]
+    groups = [",".join(str(t) for t in range(4) if seeds[t] == s) for s in (0, 1)]
+    assert sorted(c[1] for c in slurm.calls("scontrol")) == [f"JobId=1001_[{g}]" for g in groups]
+    assert [r.dependency for r in manifest.submissions[2:]] == [f"afterok:1000_{s}" for s in seeds]
+
+
+def test_only_the_tasks_behind_a_failed_upstream_task_are_known_to_never_run(tmp_path, slurm):
+    submit(load_sweep(spec(tmp_path, 2, TWO_STAGES)), tmp_path / "runs", executor="slurm")
     slurm.set("1000_0", squeue=None, sacct="FAILED")
     slurm.set("1000_1", squeue=("RUNNING", ""), sacct="RUNNING")
 
@@ -92,8 +114,9 @@ def test_tasks_behind_a_failed_upstream_task_are_known_to_never_run(tmp_path, sl
 
     assert [(r.run_id.split("-")[0], r.state) for r in runs] == [
         ("pretrain", "FAILED"), ("pretrain", "RUNNING"), ("fine_tune", "PENDING"), ("fine_tune", "PENDING")]
-    assert all(r.blocked and r.retryable and not r.active for r in runs[2:])
+    assert runs[2].blocked and runs[2].retryable and not runs[2].active
     assert runs[2].reason == "DependencyNeverSatisfied: upstream 1000_0 failed"
+    assert not runs[3].blocked and runs[3].active, "the other fine-tune run still waits for its own upstream"
 
 
 def test_a_second_submit_skips_finished_and_queued_runs_and_waits_only_for_queued_upstream_tasks(tmp_path, slurm):
@@ -114,6 +137,8 @@ def test_a_second_submit_skips_finished_and_queued_runs_and_waits_only_for_queue
     assert fine_tune.run_ids == [ft0.run_id, ft1.run_id] and fine_tune.dependency == f"afterok:{pre1.job_id}"
     script = Path(slurm.job("1002_0")["script"]).read_text()
     assert f"#SBATCH --dependency=afterok:{pre1.job_id}\n" in script
+    # the run whose upstream finished waits for nothing; the other for its upstream's task only
+    assert [slurm.job(f"1002_{t}")["dependency"] for t in (0, 1)] == [None, f"afterok:{pre1.job_id}"]
     assert len(Manifest.load(tmp_path / "runs" / "s").arrays) == 3
 
 
@@ -183,3 +208,17 @@ def test_a_damaged_manifest_is_one_error_naming_the_file(tmp_path, slurm):
     manifest.write_text(manifest.read_text()[:40])
     with pytest.raises(LaunchError, match=rf"^{re.escape(str(manifest))}: cannot be read as JSON"):
         sweep_status(tmp_path / "runs" / "s")
+
+
+def test_a_failed_run_shows_the_first_line_of_its_failure(tmp_path, slurm):
+    manifest = submit(load_sweep(spec(tmp_path, 2)), tmp_path / "runs", executor="slurm")
+    for record in manifest.submissions:
+        slurm.set(record.job_id, squeue=None, sacct="FAILED")
+    SweepDir(tmp_path / "runs" / "s").run(manifest.submissions[0].run_id).write_failure(
+        "NonFiniteLossError: loss is nan at global step 12 (epoch 1); no checkpoint was written before it\nmore")
+
+    runs = sweep_status(tmp_path / "runs" / "s").runs
+
+    assert [(r.state, r.reason) for r in runs] == [
+        ("FAILED", "NonFiniteLossError: loss is nan at global step 12 (epoch 1); no checkpoint was written before it"),
+        ("FAILED", "")]

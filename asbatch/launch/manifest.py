@@ -45,6 +45,7 @@ class SubmissionRecord(_Record):
     run_dir: str
     wandb_id: str
     submitted_at: str
+    dependency: str | None = None  # this task's own `afterok:` on its upstream runs' tasks ('' none; None: unknown)
 
 
 class ArrayRecord(_Record):

@@ -124,6 +124,8 @@ def _status_of(record: SubmissionRecord, live: dict, final: dict) -> RunStatus:
         status.state, status.source, status.reason = "COMPLETED", "run dir", ""
     elif status.state == "COMPLETED":  # the job ended well but the run has no results: treat as failed
         status.state, status.reason = "FAILED", f"job completed but the run has no {run_dir.results_file.name}"
+    if status.state == "FAILED" and (failure := run_dir.read_failure()):
+        status.reason = failure
     return status
 
 
@@ -137,6 +139,7 @@ def run_statuses(manifest: Manifest) -> tuple[dict[str, RunStatus], str | None]:
         note = f"squeue is not on PATH: Slurm states unknown; runs with {RESULTS} show as COMPLETED"
     statuses = {r.run_id: _status_of(r, live, final) for r in latest}
     dependency = {a.array_job_id: a.dependency for a in manifest.arrays}
+    own = {r.run_id: r.dependency for r in latest if r.dependency is not None}
     tasks: dict[str, list[str]] = {}
     for record in manifest.submissions:
         tasks.setdefault(record.array_job_id, []).append(record.job_id)
@@ -147,9 +150,10 @@ def run_statuses(manifest: Manifest) -> tuple[dict[str, RunStatus], str | None]:
         return state in RETRYABLE
 
     for status in statuses.values():
-        if status.state != "PENDING" or status.executor != "slurm" or status.blocked:
-            continue
-        deps = (dependency.get(status.job_id.split("_")[0]) or "").removeprefix("afterok:").split(":")
+        if status.state != "PENDING" or status.executor != "slurm":
+            continue  # (also where Slurm says DependencyNeverSatisfied itself: name the upstream task)
+        waits = own[status.run_id] if status.run_id in own else dependency.get(status.job_id.split("_")[0]) or ""
+        deps = waits.removeprefix("afterok:").split(":")
         bad = [task for dep in deps if dep for task in ([dep] if "_" in dep else tasks.get(dep, [dep]))
                if failed(task)]
         if bad:

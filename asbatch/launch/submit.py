@@ -1,4 +1,4 @@
-"""Submitting a sweep (one submitit job array per stage, `afterok` between stages), cancelling, retrying.
+"""Submitting a sweep (one submitit job array per stage, each run after its own upstream runs), cancel, retry.
 
     sweep = load_sweep("jobs/quickstart.yaml")
     manifest = submit(sweep, "runs")                # returns at once; nothing waits for jobs
@@ -9,6 +9,14 @@ Executors: `slurm` (sbatch through submitit), `local` (one background process th
 by stage; returns at once), `debug` (in this process, before `submit` returns), `auto` (slurm where
 `sbatch` is on PATH, else local). A stage with a single run is a plain job (`<job>`, not `<array>_0`):
 submitit submits one run without `--array`.
+
+Dependencies are per run, so one failed upstream run blocks only the runs that need it. Where task i of a
+stage waits for task i of one upstream array (the same grid), the array is `aftercorr` that array.
+Otherwise it is submitted `afterok` its whole upstream arrays (safe while it is refined), then each task's
+dependency is set to the tasks of its own upstream runs (`scontrol update JobId=<array>_[i,j]
+Dependency=afterok:<up>_<k>`, one call per distinct dependency). Slurm drops a dependency on an array task
+that was cancelled before it ever started (it leaves no record); a run started that way finds its upstream
+run unfinished and fails at once, saying so (`TrainTask`), and `asbatch retry` resubmits both.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ class StageSubmission:
     skipped: dict[str, str] = field(default_factory=dict)  # run id -> why it was not submitted
     upstream_jobs: set[str] = field(default_factory=set)   # still-queued upstream tasks of older arrays
     upstream_stages: set[str] = field(default_factory=set)  # upstream stages submitted in this call
+    waits_for: dict[str, list[str]] = field(default_factory=dict)  # run id -> its unfinished upstream run ids
+    run_dependencies: dict[str, str] = field(default_factory=dict)  # run id -> its own `afterok:...` ('' none)
     stale_jobs: list[str] = field(default_factory=list)     # old tasks of these runs that can never start
     parameters: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
@@ -61,6 +71,10 @@ class StageSubmission:
     @property
     def run_ids(self) -> list[str]:
         return [r.run_id for r in self.runs]
+
+
+def _upstream_dirs(run_: SweepRun, sweep_dir: SweepDir) -> list[str]:
+    return [str(sweep_dir.run(up).path) for up in run_.upstream.values()]
 
 
 def resolve_executor(kind: str) -> str:
@@ -107,6 +121,7 @@ def _add_upstream(plan: StageSubmission, kind: str, stage: SweepStage, run_: Swe
     up = status.get(up_id)
     if up_id in finished:
         return
+    plan.waits_for.setdefault(run_.run_id, []).append(up_id)
     if up_id in submitted_now.get(up_stage, set()):
         plan.upstream_stages.add(up_stage)
     elif up is not None and up.active and up.executor == "slurm" and kind == "slurm":
@@ -119,10 +134,51 @@ def _add_upstream(plan: StageSubmission, kind: str, stage: SweepStage, run_: Swe
                           f"{up_stage!r}, which has not finished and is not queued; submit stage {up_stage!r} too")
 
 
+def _job_order(job: str) -> list[int]:
+    return [int(x) for x in job.split("_")]
+
+
 def _dependency(plan: StageSubmission, arrays: dict[str, str]) -> str | None:
+    """The array's dependency at sbatch time: the whole upstream arrays (refined per task after it)."""
     ids = [arrays[s] for s in plan.stage.after if s in plan.upstream_stages and s in arrays]
-    ids += sorted(plan.upstream_jobs, key=lambda j: [int(x) for x in j.split("_")])
+    ids += sorted(plan.upstream_jobs, key=_job_order)
     return f"afterok:{':'.join(ids)}" if ids else None
+
+
+def _run_dependencies(plan: StageSubmission, job_of: dict[str, str], status: dict[str, RunStatus]) -> None:
+    """Each run's own dependency: `afterok` the tasks of its unfinished upstream runs ('' when none)."""
+    for run_ in plan.runs:
+        jobs = {job_of.get(up) or status[up].job_id for up in plan.waits_for.get(run_.run_id, [])}
+        plan.run_dependencies[run_.run_id] = f"afterok:{':'.join(sorted(jobs, key=_job_order))}" if jobs else ""
+
+
+def _aftercorr(plan: StageSubmission, job_of: dict[str, str]) -> str | None:
+    """`aftercorr:<array>` when task i of the stage waits for exactly task i of one array submitted now."""
+    if plan.upstream_jobs or len(plan.runs) < 2:
+        return None
+    waits = [plan.waits_for.get(r.run_id, []) for r in plan.runs]
+    if any(len(w) != 1 or w[0] not in job_of for w in waits):
+        return None
+    tasks = [job_of[w[0]] for w in waits]
+    arrays = {t.split("_")[0] for t in tasks}
+    aligned = all(t == f"{next(iter(arrays))}_{i}" for i, t in enumerate(tasks))
+    return f"aftercorr:{arrays.pop()}" if len(arrays) == 1 and aligned else None
+
+
+def _set_task_dependencies(plan: StageSubmission) -> None:
+    """Narrow each task's dependency from the whole upstream arrays to its own upstream runs' tasks."""
+    groups: dict[str, list[str]] = {}
+    for run_, job_id in zip(plan.runs, plan.job_ids, strict=True):
+        own = plan.run_dependencies[run_.run_id]
+        if "_" in job_id and own != (plan.dependency or ""):
+            groups.setdefault(own, []).append(job_id.split("_")[1])
+    for dependency, tasks in groups.items():
+        job = f"{plan.array_job_id}_[{','.join(tasks)}]"
+        proc = run(["scontrol", "update", f"JobId={job}", f"Dependency={dependency}"])
+        if proc.returncode != 0:
+            raise LaunchError(f"stage {plan.name!r}: array {plan.array_job_id} was submitted after its whole upstream "
+                              f"arrays, but narrowing tasks {job} to {dependency or 'no dependency'} failed: "
+                              f"{(proc.stderr or proc.stdout).strip()}")
 
 
 def _describe(plan: StageSubmission, sweep: Sweep, dependency: str | None) -> None:
@@ -158,14 +214,17 @@ def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manif
     plans = _plan(sweep, sweep_dir, kind, status, stages, only)
     manifest.dry_run, manifest.submitted = dry_run, plans
     if dry_run:
+        job_of: dict[str, str] = {}  # what the real submission would number them
         for plan in plans:
             placeholders = {s: f"<{s} array>" for s in plan.upstream_stages}
-            _describe(plan, sweep, _dependency(plan, placeholders) if kind == "slurm" else None)
+            dependency = _aftercorr(plan, job_of) or _dependency(plan, placeholders) if kind == "slurm" else None
+            _describe(plan, sweep, dependency)
+            job_of.update({r.run_id: f"<{plan.name} array>_{i}" for i, r in enumerate(plan.runs)})
         return manifest
     if not any(p.runs for p in plans):
         return manifest
     if kind == "slurm":
-        _submit_slurm(sweep, sweep_dir, manifest, plans)
+        _submit_slurm(sweep, sweep_dir, manifest, plans, status)
     else:
         _submit_sequential(sweep, sweep_dir, kind, manifest, plans)
     return manifest
@@ -181,11 +240,13 @@ def _record(manifest: Manifest, plan: StageSubmission, sweep_dir: SweepDir, job_
         manifest.submissions.append(SubmissionRecord(
             run_id=run_.run_id, stage=plan.name, executor=plan.executor, job_id=job_id, array_job_id=array_id,
             config=run_.config.to_dict(), upstream=run_.upstream, run_dir=str(sweep_dir.run(run_.run_id).path),
-            wandb_id=run_.run_id, submitted_at=at))
+            wandb_id=run_.run_id, submitted_at=at, dependency=plan.run_dependencies.get(run_.run_id)))
 
 
-def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: list[StageSubmission]) -> None:
+def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: list[StageSubmission],
+                  status: dict[str, RunStatus]) -> None:
     arrays: dict[str, str] = {}
+    job_of: dict[str, str] = {}  # run id -> job id, for the runs submitted in this call
     stale = [job for plan in plans for job in plan.stale_jobs]
     if stale:  # tasks that wait on a failed upstream array forever; their runs are submitted again below
         run(["scancel", *stale])
@@ -193,16 +254,24 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
         for plan in plans:
             if not plan.runs:
                 continue
-            _describe(plan, sweep, _dependency(plan, arrays))
+            _run_dependencies(plan, job_of, status)
+            single = len(plan.runs) == 1  # a plain job: its own dependency goes straight into the script
+            own = plan.run_dependencies[plan.runs[0].run_id] or None
+            corresponding = _aftercorr(plan, job_of)
+            _describe(plan, sweep, own if single else corresponding or _dependency(plan, arrays))
             ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster="slurm")
             ex.update_parameters(**plan.parameters)
-            tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path) for r in plan.runs]
+            tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir))
+                     for r in plan.runs]
             with ex.batch():
                 jobs = [ex.submit(task) for task in tasks]
             job_ids = [job.job_id for job in jobs]
             arrays[plan.name] = job_ids[0].split("_")[0]
+            job_of.update(zip(plan.run_ids, job_ids, strict=True))
             _record(manifest, plan, sweep_dir, job_ids, arrays[plan.name])
             manifest.save()  # after each array: a failure later still leaves a true manifest
+            if not corresponding:
+                _set_task_dependencies(plan)
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
         manifest.save()
         detail = getattr(err, "stderr", None) or getattr(err, "output", None) or err
@@ -220,7 +289,7 @@ def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: M
     for plan in plans:
         for run_ in plan.runs:
             task = TrainTask(run_.config.to_dict(), sweep_dir.run(run_.run_id).path, env=sweep.env)
-            items.append((task, [str(sweep_dir.run(up).path) for up in run_.upstream.values()]))
+            items.append((task, _upstream_dirs(run_, sweep_dir)))
     for plan in plans:
         _describe(plan, sweep, None)
     timeout = sum(p.stage.resources.timeout_min * len(p.runs) for p in plans)

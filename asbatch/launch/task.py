@@ -150,12 +150,20 @@ class TrainTask:
     resumes from the newest checkpoint anyway.
     """
 
-    def __init__(self, config: dict[str, Any], run_dir: str | Path, env: dict[str, str] | None = None):
+    def __init__(self, config: dict[str, Any], run_dir: str | Path, env: dict[str, str] | None = None,
+                 upstream: list[str] | None = None):
         self.config = config
         self.run_dir = str(run_dir)
         self.env = dict(env or {})  # only set where the job script did not export it (local / debug)
+        self.upstream = list(upstream or [])  # run dirs of the runs this one runs after
 
     def __call__(self) -> dict[str, Any]:
+        unfinished = [Path(u).name for u in self.upstream if not RunDir(u).is_finished()]
+        if unfinished:  # Slurm drops a dependency on an array task cancelled before it started
+            message = (f"upstream run {', '.join(unfinished)} has not finished, yet this run was started (its "
+                       "upstream task was cancelled before it ran?); `asbatch retry` resubmits both")
+            RunDir(self.run_dir).write_failure(f"RuntimeError: {message}")
+            raise RuntimeError(message)
         stop = StopRequest().install([signal.SIGUSR2, signal.SIGTERM])
         for key, value in self.env.items():
             os.environ.setdefault(key, value)

@@ -84,6 +84,11 @@ def scancel(state: dict, argv: list[str]) -> int:
 def scontrol(state: dict, argv: list[str]) -> int:
     if argv[1:3] == ["show", "node"]:
         print(f"NodeName={argv[3]} NodeAddr=127.0.0.1")
+    elif argv[1] == "update":  # JobId=<array>_[i,j] or <array>_<i>, Dependency=<spec>
+        fields = dict(a.split("=", 1) for a in argv[2:])
+        array, _, tasks = fields["JobId"].partition("_")
+        for task in tasks.strip("[]").split(","):
+            state["jobs"][f"{array}_{task}"]["dependency"] = fields["Dependency"] or None
     return 0
 
 
