@@ -42,10 +42,9 @@ def records_frame(records: Sequence[Record]):
     import pandas as pd
 
     records = list(records)
-    experiment = experiments(records)
     rows = []
-    for r in records:
-        row: dict[str, Any] = {"run_id": r.run_id, "experiment": experiment_id(experiment[r.run_id])}
+    for r, experiment in zip(records, experiments(records), strict=True):
+        row: dict[str, Any] = {"run_id": r.run_id, "experiment": experiment_id(experiment)}
         row.update({**_identity_config(r), **r.config})
         row.update(as_on=r.as_on, fine_tuned=r.fine_tuned, **r.metrics)
         row.update({TRAIN_PREFIX + k: v for k, v in r.train.items()})

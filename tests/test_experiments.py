@@ -224,11 +224,15 @@ def test_runs_frame_from_the_wandb_stand_in_equals_the_one_from_run_dirs(resubmi
 
     sweep_dir, _, _ = resubmitted
     local = records_from_run_dirs(sweep_dir)
-    api = FakeApi([fake_run_from_dir(sweep_dir / r.run_id) for r in local])
+    runs = [fake_run_from_dir(sweep_dir / r.run_id) for r in local]
+    moved = fake_run_from_dir(sweep_dir / next(iter(local.foreign)))  # a run of sweep "other" ...
+    moved.group = "edit"  # ... moved into this group in the W&B UI
+    api = FakeApi([*runs, moved])
     remote = runs_frame(sweep_dir, source="wandb", wandb_path="me/asbatch", api=api)
     assert api.calls == [("me/asbatch", {"group": "edit"})]
     assert remote.equals(records_frame(local))
     assert records_from_wandb(api, "me/asbatch", "edit") == local
+    assert remote.attrs["records"].foreign == local.foreign == {moved.id: "other"}
 
 
 def test_table_per_run_prints_the_frame_in_every_format(resubmitted):
@@ -252,3 +256,21 @@ def test_table_per_run_prints_the_frame_in_every_format(resubmitted):
     latex = per_run_table(frame.reset_index(), "latex")
     assert r"\begin{tabular}" in latex and r"run\_id" in latex and "schedule.epochs" in latex
     assert "<table" in per_run_table(frame.reset_index(), "html")
+
+
+def test_the_wandb_report_groups_runs_by_every_key_in_which_experiments_differ():
+    """Built, not saved (no W&B server here): its panels must not average runs of different configs either."""
+    from asbatch.analysis import build_wandb_report
+
+    records = [run(f"r{s}{e}{lam}{m}", seed=s, **{"schedule.epochs": e, "adversarial.lam": lam, "model.name": m})
+               for s in (0, 1) for e in (8, 20) for lam in (0.0, 0.8) for m in ("resnet20", "vgg16")]
+    report = build_wandb_report("s", "asbatch", "lab", "| x |", records)
+    groupby = report.blocks[-1].runsets[0].groupby
+    assert groupby == ["config.adversarial.lam", "config.model.name", "config.schedule.epochs"]
+    alone = build_wandb_report("s", "asbatch", "lab", "", [r for r in records if r.config["schedule.epochs"] == 8
+                                                          and r.config["model.name"] == "vgg16"])
+    assert alone.blocks[-1].runsets[0].groupby == ["config.adversarial.lam"]
+    fine = [r for r in fine_tune_records({0: 200, 1: 100}) if r.bayesian]  # per-seed init_from: not a group key
+    assert build_wandb_report("s", "asbatch", "lab", "", fine).blocks[-1].runsets[0].groupby == [
+        "config.adversarial.lam"]
+

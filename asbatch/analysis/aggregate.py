@@ -85,12 +85,11 @@ def _identity_config(r: Record) -> dict[str, Any]:
             "model.init_from": "fine-tune" if r.fine_tuned else None}
 
 
-def experiments(records: Iterable[Record]) -> dict[str, dict[str, Any]]:
-    """Run id -> its experiment config (`asbatch.analysis.configs.experiment_config`; fine-tunes resolved
-    through their upstream runs among `records`)."""
-    records = list(records)
+def experiments(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """The experiment config of each record, in order (`asbatch.analysis.configs.experiment_config`;
+    fine-tunes resolved through their upstream runs among `records`)."""
     configs = {r.run_id: r.config for r in records if r.config}
-    return {r.run_id: experiment_config(r.config, configs.get) if r.config else _identity_config(r) for r in records}
+    return [experiment_config(r.config, configs.get) if r.config else _identity_config(r) for r in records]
 
 
 def _group(by: Sequence[str], key: tuple, config: dict[str, Any], rs: list[Record]) -> Group:
@@ -117,12 +116,10 @@ def aggregate(records: Iterable[Record], by: Sequence[str] = DEFAULT_BY, bayesia
     False: the paper's tables compare Bayesian networks. Groups are ordered by `by` (data sets and models in
     the paper's order, False before True), then by the values of their differing keys."""
     records = list(records)
-    experiment = experiments(records)
     buckets: dict[tuple, tuple[dict[str, Any], list[Record]]] = {}
-    for r in records:
+    for r, config in zip(records, experiments(records), strict=True):
         if bayesian_only and not r.bayesian:
             continue
-        config = experiment[r.run_id]
         bucket = (tuple(getattr(r, f) for f in by), tuple(sorted((k, repr(v)) for k, v in config.items())))
         buckets.setdefault(bucket, (config, []))[1].append(r)
     groups = _name_differences([_group(by, key, config, rs) for (key, _), (config, rs) in buckets.items()])

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from asbatch.analysis.configs import NOT_SCIENCE
+from asbatch.analysis.aggregate import experiments
+from asbatch.analysis.configs import INIT_FROM, NOT_SCIENCE, differing_keys, experiment_id
 from asbatch.analysis.metrics import PAPER_TABLES, table_metrics
 from asbatch.analysis.plots import ANALYSIS_PLOTS, write_plots
 from asbatch.analysis.records import Record, describe, records_from_run_dirs
@@ -68,14 +69,25 @@ def build_static_report(sweep_dir: str | Path, out_dir: str | Path | None = None
     return report
 
 
-def build_wandb_report(sweep: str, project: str, entity: str | None, tables_md: str) -> Any:
+def wandb_groupby(records: Sequence[Record]) -> list[str]:
+    """How the W&B Report groups the sweep's runs: by every config key in which its experiments differ (as
+    `config.<dotted key>`), so that a W&B panel, like the tables, never averages runs of different configs;
+    by lambda where there is nothing else. (A fine-tune's upstream recipe is not a W&B config key: fine-tunes
+    are grouped by their own config.)"""
+    configs = {experiment_id(c): c for c in experiments(list(records))}
+    keys = [k for k in differing_keys(configs.values()) if not k.startswith(INIT_FROM + ".") and k != INIT_FROM]
+    return [f"config.{k}" for k in keys] or ["config.adversarial.lam"]
+
+
+def build_wandb_report(sweep: str, project: str, entity: str | None, tables_md: str,
+                       records: Sequence[Record] = ()) -> Any:
     """The W&B Report (not yet saved): title, the tables as markdown, and panels over the runs whose
-    config.sweep is this sweep: the training history (per global step) and a bar panel per paper table that
-    has one (`PaperTable.wandb_panel`) over the evaluation summary."""
+    config.sweep is this sweep, grouped by `wandb_groupby(records)`: the training history (per global step)
+    and a bar panel per paper table that has one (`PaperTable.wandb_panel`) over the evaluation summary."""
     import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(entity=entity or "", project=project, name=sweep, filters=f"Config('sweep') = '{sweep}'",
-                       groupby=["config.adversarial.lam"])
+                       groupby=wandb_groupby(records))
     panels = [
         wr.LinePlot(title="Test accuracy, mean weights", x="Step", y=["test_acc_mean"]),
         wr.LinePlot(title="Test accuracy, one weight sample", x="Step", y=["test_acc_sample"]),
@@ -86,7 +98,8 @@ def build_wandb_report(sweep: str, project: str, entity: str | None, tables_md: 
     kwargs = {"entity": entity} if entity else {}  # otherwise W&B's default entity of the logged-in user
     return wr.Report(
         project=project, title=f"asbatch sweep {sweep}"[:128],
-        description="Adversarial Sampling for Bayesian neural networks: runs grouped by lambda.",
+        description="Adversarial Sampling for Bayesian neural networks: runs grouped by the config keys in which "
+                    "they differ.",
         blocks=[
             wr.H1(text=f"Sweep {sweep}"),
             wr.P(text="Tables: mean ± 1 std over n seeds (runs of different configs never pooled); the better of "

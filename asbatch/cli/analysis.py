@@ -61,7 +61,7 @@ def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
 
     entity, _, project = default_wandb_path(sweep_dir).rpartition("/")
     records = load_records(sweep_dir)
-    report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"))
+    report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"), records)
     click.echo(report.save().url)
 
 
