@@ -3,7 +3,8 @@
 `training_curves_figure(records)`: training loss and test accuracy (mean weights) per epoch from each run's
 per-epoch rows (`Record.history`: load records with `history=True`), mean over the seeds of a group with a
 band of ± 1 std. `reliability_figure(records)`: the reliability diagram of each group, the bins of its seeds
-pooled (run dirs only: W&B keeps the per-run diagram as an image). Panels per (data, model, fine-tune).
+pooled (run dirs only: W&B keeps the per-run diagram as an image). Panels per (data, model, fine-tune); the
+groups are those of the tables (`aggregate`: Bayesian runs, one experiment each).
 """
 
 from __future__ import annotations
