@@ -27,8 +27,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def load(args: argparse.Namespace) -> RecordList:
-    records = load_records(args.sweep_dir, source=args.source, wandb_path=args.wandb_path)
+def load(args: argparse.Namespace, history: bool = False) -> RecordList:
+    """The sweep's records; `history=True` also reads every run's per-epoch rows (the training curves)."""
+    records = load_records(args.sweep_dir, source=args.source, wandb_path=args.wandb_path, history=history)
     print(f"{args.sweep_dir.name}: {describe(records)}", file=sys.stderr)
     return records
 
@@ -39,11 +40,11 @@ def out_dir(args: argparse.Namespace) -> Path:
     return path
 
 
-def plot_main(name: str, description: str, argv: Sequence[str] | None = None) -> Path:
+def plot_main(name: str, description: str, argv: Sequence[str] | None = None, history: bool = False) -> Path:
     """A figure script: parse, load the records, write `<out>/<name>.png`, print its path."""
     from asbatch.analysis import ANALYSIS_PLOTS
 
     args = parser(description).parse_args(argv)
-    path = ANALYSIS_PLOTS[name][1](load(args), out_dir(args) / f"{name}.png")
+    path = ANALYSIS_PLOTS[name][1](load(args, history), out_dir(args) / f"{name}.png")
     print(path)
     return path

@@ -15,7 +15,7 @@ from asbatch.analysis import build_static_report
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = _common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    path = build_static_report(args.sweep_dir, args.out, records=_common.load(args))
+    path = build_static_report(args.sweep_dir, args.out, records=_common.load(args, history=True))
     print(path)
     return path
 

@@ -75,7 +75,8 @@ def test_records_equal_each_runs_results_json(sweep):
     assert groups[1]["ensemble"].mean == pytest.approx(sum(r.ensemble for r in records if r.as_on) / 2)
 
 
-@pytest.mark.parametrize("name", ["lambda_influence", "retained_curves", "sample_accuracy_distribution"])
+@pytest.mark.parametrize("name", ["lambda_influence", "retained_curves", "sample_accuracy_distribution",
+                                  "training_curves", "reliability"])
 def test_each_figure_script_writes_its_png(sweep, tmp_path, name, monkeypatch):
     path = load_script(name, monkeypatch).main([str(sweep), "--out", str(tmp_path)])
     assert path == tmp_path / f"{name}.png" and is_png(path)
@@ -104,12 +105,30 @@ def test_static_report_has_tables_and_figures(sweep):
     assert html_path == out / "report.html"
     md = (out / "report.md").read_text()
     assert "| Digits | MLP | 2 |" in md and "Lowest Accuracy" in md and "4 finished runs" in md
-    for name in ("lambda_influence", "retained_curves", "sample_accuracy_distribution"):
+    assert "± 1 sample std over those seeds" in md and "checkpoint_every" in md  # what n and ± are, what is pooled
+    for name in ("training_curves", "lambda_influence", "retained_curves", "reliability",
+                 "sample_accuracy_distribution"):
         assert f"({name}.png)" in md and is_png(out / f"{name}.png")
+    assert md.index("Training: loss and test accuracy") < md.index("Reliability diagrams")
     page = html_path.read_text()
     assert page.count('<table class="paper">') == 3  # accuracy, retained, calibration
-    assert page.count("data:image/png;base64,") == 3 and "MLP + AS" in page
+    assert page.count("data:image/png;base64,") == 5 and "MLP + AS" in page
     assert records_from_run_dirs(sweep).unfinished == ()  # the report dir is not taken for a run
+
+
+def test_training_curves_and_reliability_come_from_each_runs_own_files(sweep):
+    from asbatch.analysis import reliability_figure, training_curves_figure
+
+    records = records_from_run_dirs(sweep, history=True)
+    loss_ax = training_curves_figure(records).axes[0]
+    curves = {line.get_label(): list(line.get_ydata()) for line in loss_ax.get_lines() if len(line.get_xdata())}
+    for as_on, label in ((False, "no AS, n = 2 seeds"), (True, "AS (λ = 0.8), n = 2 seeds")):
+        rows = [json.loads((sweep / r.run_id / "metrics.jsonl").read_text()) for r in records if r.as_on == as_on]
+        assert curves[label] == pytest.approx([sum(row["train_loss"] for row in rows) / 2])  # one epoch each
+    rel_ax = reliability_figure(records).axes[0]
+    counts = [sum(json.loads((sweep / r.run_id / "results.json").read_text())["evaluation"]["reliability"]["count"])
+              for r in records]
+    assert counts == [360] * 4 and len([line for line in rel_ax.get_lines() if line.get_marker() == "o"]) == 2
 
 
 def test_report_script_runs_as_a_command(sweep, tmp_path):

@@ -27,6 +27,7 @@ ALLOWED = {
     "tracking": BASE | {"tracking", "figures"},
     "train": BASE | SCIENCE | {"train", "tracking", "figures"},
     "analysis": BASE | {"analysis", "figures", "tracking"},
+    "results": BASE | {"analysis"},
     "spec": BASE | {"spec"},
     "launch": BASE | {"launch", "spec", "train"},
     "profiles": set(),

@@ -60,8 +60,11 @@ def test_aggregate_gives_mean_sample_std_and_n_per_group_and_drops_deterministic
     assert with_as["ensemble"] == pytest.approx((90.5, math.sqrt(0.5), 2))
     assert vgg["ensemble"] == (70.0, 0.0, 1)  # one run: std 0
     assert plain["ood_auroc"] == (None, None, 0)
-    assert len(aggregate(records, bayesian_only=False)) == 3  # the deterministic run joins resnet20 / no AS
-    assert aggregate(records, bayesian_only=False)[0].n == 4
+    # with the deterministic run: its own row (a different config), named by the key that differs
+    everything = aggregate(records, bayesian_only=False)
+    assert [(g.key["model"], g.key["as_on"], g.n, g.differs) for g in everything] == [
+        ("resnet20", False, 1, {"model.bayesian": False}), ("resnet20", False, 3, {"model.bayesian": True}),
+        ("resnet20", True, 2, {"model.bayesian": True}), ("vgg16", False, 1, {})]
 
 
 def test_aggregate_by_other_fields_and_per_metric_n():
@@ -69,8 +72,8 @@ def test_aggregate_by_other_fields_and_per_metric_n():
     by_lam = aggregate(records, by=("model", "lam"))
     assert [(g.key["lam"], g.n) for g in by_lam] == [(0.5, 1), (0.8, 2)]
     assert by_lam[1]["ood_auroc"] == (0.7, 0.0, 1)  # only one of the two runs has it
-    merged = aggregate(records)
-    assert merged[0].lams == (0.5, 0.8) and merged[0]["ood_auroc"].mean == pytest.approx(0.8)
+    # grouped without lambda, runs of two lambdas are still two experiments: never one row of both
+    assert [(g.lams, g.n) for g in aggregate(records)] == [((0.5,), 1), ((0.8,), 2)]
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -142,8 +145,7 @@ def test_several_lambdas_are_shown_in_the_label_and_the_best_of_them_is_bold():
     lines = table_lines(paper_tables(aggregate(records, by=("data", "model", "as_on", "fine_tuned", "lam")), "md"))
     assert lines[3].startswith("|  | ResNet20 + AS (λ = 0.5) | 1 |") and not lines[3].endswith("** |")
     assert lines[4].startswith("|  | ResNet20 + AS (λ = 0.8) | 1 |") and lines[4].endswith("| **85.00 ± 0.00** |")
-    merged = table_lines(paper_tables(aggregate(records), "md"))
-    assert merged[3].startswith("|  | ResNet20 + AS (λ in {0.5, 0.8}) | 2 |")
+    assert table_lines(paper_tables(aggregate(records), "md")) == lines  # lambdas are never pooled
     # what `asbatch table` prints splits a lambda sweep by lambda; one AS lambda per model keeps the paper's rows
     assert default_grouping(records) == (*DEFAULT_BY, "lam") and table_lines(sweep_tables(records)) == lines
     assert default_grouping(paper_records()) == DEFAULT_BY
@@ -251,7 +253,8 @@ class FakeApi:
     `records_from_wandb` uses (`runs(path, filters)` -> runs with id, group, job_type, config, summary,
     scan_history), filled the way asbatch.tracking fills a real W&B run: id = run id, group = sweep,
     job_type = stage, config = the resolved config, summary = `flatten_evaluation(evaluation)` plus the
-    tracker's own extra keys, history = the metrics.jsonl rows plus W&B's "_step" keys."""
+    tracker's own extra keys and, as W&B keeps it, the last logged value of every per-epoch key, history =
+    the metrics.jsonl rows plus W&B's "_step" keys."""
 
     def __init__(self, runs):
         self._runs, self.calls = runs, []
@@ -263,10 +266,10 @@ class FakeApi:
 
 def fake_run_from_dir(run_dir) -> FakeRun:
     results = json.loads((run_dir / "results.json").read_text())
-    summary = {**flatten_evaluation(results["evaluation"]), "train_loss": 1.0, "_step": 40,
-               "evaluation/sample_accuracies": {"_type": "table-file", "path": "x.table.json"}}
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [{**json.loads(line), "_step": i} for i, line in enumerate(lines)]
+    summary = {**rows[-1], **flatten_evaluation(results["evaluation"]), "_step": 40, "_runtime": 3.5,
+               "evaluation/sample_accuracies": {"_type": "table-file", "path": "x.table.json"}}
     return FakeRun(id=results["run_id"], group=results["sweep"], job_type=results["stage"],
                    config=json.loads(json.dumps(results["config"])), summary=summary, rows=[*rows, {"_step": 99}])
 

@@ -1,29 +1,37 @@
 """Finished runs as flat records, read from a sweep's run dirs or from its W&B runs (both give the same records).
 
 Flow: `records_from_run_dirs(sweep_dir)` or `records_from_wandb(api, path, sweep)` -> `RecordList` (one
-`Record` per finished run, sorted by run id; `.unfinished` names the others). A record carries the metrics of
-the registry (asbatch.analysis.metrics) scaled as it says: accuracies in %, as in the paper; ece, nll,
-brier, aurc and ood_auroc as `evaluate` computes them (fractions / nats).
+`Record` per finished run of the sweep, sorted by run id; `.unfinished` names the others, `.foreign` the run
+dirs of another sweep found in the dir, which are ignored). A record carries the metrics of the registry
+(asbatch.analysis.metrics) scaled as it says: accuracies in %, as in the paper; ece, nll, brier, aurc and
+ood_auroc as `evaluate` computes them (fractions / nats); its resolved config (flat, dotted keys) and its
+train summary (the last epoch's row: from the run dir's per-epoch metrics, or the W&B summary, which holds
+the last value logged of every key).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from asbatch.analysis.configs import flatten_config
 from asbatch.analysis.metrics import BY_NAME, METRICS, SAMPLE_ACCURACIES
-from asbatch.rundir import SweepDir
-from asbatch.tracking.keys import unflatten_evaluation
+from asbatch.rundir import RunDir, RunDirError, SweepDir, read_json
+from asbatch.tracking.keys import EVAL_PREFIX, unflatten_evaluation
 
 DEFAULT_WANDB_PROJECT = "asbatch"
 
 
 @dataclass(frozen=True, init=False)
 class Record:
-    """One finished run, flat. Metrics by name in `metrics` and as attributes (`record.ensemble`);
-    `history` (the per-epoch rows) only when asked for."""
+    """One finished run, flat. Metrics by name in `metrics` and as attributes (`record.ensemble`); `config`:
+    the resolved config as {dotted key: value} ({} when built without one); `train`: the train summary (the
+    last epoch's row); `history` (the per-epoch rows) only when asked for; `reliability`: the reliability
+    diagram's bins (run dirs only: W&B keeps the diagram as an image; not compared)."""
 
     run_id: str
     sweep: str
@@ -38,10 +46,15 @@ class Record:
     metrics: dict[str, float | None]  # every registry metric by name; None where the run has no value
     sample_accuracies: tuple[float, ...]
     history: tuple[dict[str, Any], ...] | None
+    config: dict[str, Any]
+    train: dict[str, Any]
+    reliability: dict[str, list] | None = field(compare=False)
 
     def __init__(self, *, run_id: str, sweep: str, stage: str, data: str, model: str, bayesian: bool, lam: float,
                  as_on: bool, fine_tuned: bool, seed: int, sample_accuracies: Iterable[float] = (),
-                 history: Iterable[Mapping[str, Any]] | None = None, **metrics: float | None) -> None:
+                 history: Iterable[Mapping[str, Any]] | None = None, config: Mapping[str, Any] | None = None,
+                 train: Mapping[str, Any] | None = None, reliability: Mapping[str, list] | None = None,
+                 **metrics: float | None) -> None:
         unknown = sorted(set(metrics) - set(BY_NAME))
         missing = [m.name for m in METRICS if not m.optional and m.name not in metrics]
         if unknown or missing:
@@ -50,7 +63,9 @@ class Record:
                   "bayesian": bayesian, "lam": lam, "as_on": as_on, "fine_tuned": fine_tuned, "seed": seed,
                   "metrics": {m.name: metrics.get(m.name) for m in METRICS},
                   "sample_accuracies": tuple(sample_accuracies),
-                  "history": None if history is None else tuple(dict(row) for row in history)}
+                  "history": None if history is None else tuple(dict(row) for row in history),
+                  "config": flatten_config(config or {}), "train": dict(train or {}),
+                  "reliability": None if reliability is None else dict(reliability)}
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -62,46 +77,79 @@ class Record:
 
 
 class RecordList(list):
-    """A list of `Record`s that also says which runs were skipped as unfinished (`unfinished`: run ids)."""
+    """A list of `Record`s that also says which runs were skipped: `unfinished` (run ids) and `foreign` (run id
+    -> sweep: run dirs of another sweep found in the sweep's dir, e.g. copied there; never read as its runs)."""
 
-    def __init__(self, records: Iterable[Record] = (), unfinished: Iterable[str] = ()):
+    def __init__(self, records: Iterable[Record] = (), unfinished: Iterable[str] = (),
+                 foreign: Mapping[str, str] | None = None):
         super().__init__(records)
         self.unfinished: tuple[str, ...] = tuple(unfinished)
+        self.foreign: dict[str, str] = dict(foreign or {})
 
 
-def record_from_results(results: Mapping[str, Any], history: Sequence[Mapping[str, Any]] | None = None) -> Record:
+def record_from_results(results: Mapping[str, Any], history: Sequence[Mapping[str, Any]] | None = None,
+                        train: Mapping[str, Any] | None = None) -> Record:
     """The `Record` of one results dict (what a run dir's results hold: run_id, sweep, stage, config,
-    evaluation)."""
+    evaluation); `train`: its train summary (default: the last row of `history`, if given)."""
     cfg, ev = results["config"], results["evaluation"]
     lam = float(cfg["adversarial"]["lam"])
+    if train is None and history:
+        train = history[-1]
     return Record(
         run_id=results["run_id"], sweep=results["sweep"], stage=results["stage"],
         data=cfg["data"]["name"], model=cfg["model"]["name"], bayesian=bool(cfg["model"]["bayesian"]),
         lam=lam, as_on=lam > 0, fine_tuned=cfg["model"].get("init_from") is not None, seed=int(cfg["seed"]),
-        sample_accuracies=SAMPLE_ACCURACIES.read_all(ev), history=history,
-        **{m.name: m.read(ev) for m in METRICS},
+        sample_accuracies=SAMPLE_ACCURACIES.read_all(ev), history=history, config=cfg, train=train,
+        reliability=ev.get("reliability"), **{m.name: m.read(ev) for m in METRICS},
     )
 
 
-def records_from_run_dirs(sweep_dir: str | Path, history: bool = False) -> RecordList:
-    """One `Record` per finished run under `sweep_dir` (`<runs_root>/<sweep>`), sorted by run id.
-
-    Unfinished run dirs are skipped and listed in `.unfinished`, as are runs the sweep's manifest (if it has
-    one) records as submitted that have no run dir yet. `history=True` also reads each run's per-epoch rows.
-    """
+def sweep_name(sweep_dir: str | Path) -> str:
+    """The sweep a sweep dir holds: the one its manifest names (if submitted), else the dir's name."""
     sweep = SweepDir(sweep_dir)
-    if not sweep.path.is_dir():
-        raise FileNotFoundError(f"no sweep dir at {sweep.path}")
-    records, unfinished = [], []
-    for run in sweep.runs():
+    if sweep.is_submitted():
+        try:
+            return str(read_json(sweep.manifest_file).get("sweep") or sweep.name)
+        except RunDirError:
+            pass
+    return sweep.name
+
+
+def _started_sweep(run: RunDir, default: str) -> str:
+    """The sweep an unfinished run's written config names (`default` where it cannot be read)."""
+    try:
+        config = run.read_config() or {}
+    except (OSError, yaml.YAMLError):
+        return default
+    return str(config.get("sweep", default)) if isinstance(config, dict) else default
+
+
+def records_from_run_dirs(sweep_dir: str | Path, history: bool = False, sweep: str | None = None) -> RecordList:
+    """One `Record` per finished run of the sweep under `sweep_dir` (`<runs_root>/<sweep>`), sorted by run id.
+
+    Only runs whose config names the sweep (`sweep`, default `sweep_name(sweep_dir)`) are read; run dirs of
+    another sweep are listed in `.foreign`. Unfinished run dirs are skipped and listed in `.unfinished`, as
+    are runs the sweep's manifest (if it has one) records as submitted that have no run dir yet.
+    `history=True` also keeps each run's per-epoch rows (the last one is the train summary either way).
+    """
+    sweep_dir = SweepDir(sweep_dir)
+    if not sweep_dir.path.is_dir():
+        raise FileNotFoundError(f"no sweep dir at {sweep_dir.path}")
+    sweep = sweep or sweep_name(sweep_dir.path)
+    records, unfinished, foreign = [], [], {}
+    for run in sweep_dir.runs():
         results = run.read_results()
-        if results is None:
+        owner = (results or {}).get("sweep") or _started_sweep(run, sweep)
+        if owner != sweep:
+            foreign[run.run_id] = owner
+        elif results is None:
             unfinished.append(run.run_id)
-            continue
-        records.append(record_from_results(results, run.read_metrics() if history else None))
-    seen = {r.run_id for r in records} | set(unfinished)
-    unfinished += [run_id for run_id in sweep.submitted_run_ids() if run_id not in seen]
-    return RecordList(sorted(records, key=lambda r: r.run_id), unfinished)
+        else:
+            rows = run.read_metrics()
+            records.append(record_from_results(results, rows if history else None, train=rows[-1] if rows else {}))
+    seen = {r.run_id for r in records} | set(unfinished) | set(foreign)
+    unfinished += [run_id for run_id in sweep_dir.submitted_run_ids() if run_id not in seen]
+    return RecordList(sorted(records, key=lambda r: r.run_id), unfinished, foreign)
 
 
 def _summary_dict(summary: Any) -> dict[str, Any]:
@@ -113,17 +161,23 @@ def records_from_wandb(api: Any, path: str, sweep: str, history: bool = False) -
     "entity/project" or "project"; `api` a `wandb.Api()`), sorted by run id.
 
     A run is finished when its summary holds the evaluation (`evaluation/ensemble_accuracy`); the others are
-    listed in `.unfinished`. The W&B run id is the run id, group = sweep, job_type = stage, config = the
-    resolved RunConfig dict (as asbatch.tracking writes them). `history=True` also reads the per-epoch rows
-    (those with an "epoch" key, W&B's own "_" keys dropped) with `run.scan_history()`.
+    listed in `.unfinished`, runs whose config names another sweep in `.foreign`. The W&B run id is the run
+    id, group = sweep, job_type = stage, config = the resolved RunConfig dict (as asbatch.tracking writes
+    them). The train summary is the rest of the summary (the last value of every per-epoch key; W&B's own
+    "_" keys dropped). `history=True` also reads the per-epoch rows (those with an "epoch" key) with
+    `run.scan_history()`.
     """
-    records, unfinished = [], []
+    records, unfinished, foreign = [], [], {}
     for run in api.runs(path, filters={"group": sweep}):
-        evaluation = unflatten_evaluation(_summary_dict(run.summary))
+        summary = _summary_dict(run.summary)
+        evaluation = unflatten_evaluation(summary)
+        config = dict(run.config)
+        if config.get("sweep", sweep) != sweep:
+            foreign[run.id] = config["sweep"]
+            continue
         if "ensemble_accuracy" not in evaluation:
             unfinished.append(run.id)
             continue
-        config = dict(run.config)
         results = {"run_id": run.id, "sweep": getattr(run, "group", None) or config.get("sweep", sweep),
                    "stage": getattr(run, "job_type", None) or config.get("stage"),
                    "config": config, "evaluation": evaluation}
@@ -131,8 +185,9 @@ def records_from_wandb(api: Any, path: str, sweep: str, history: bool = False) -
         if history:
             rows = [{k: v for k, v in row.items() if not k.startswith("_")}
                     for row in run.scan_history() if "epoch" in row]
-        records.append(record_from_results(results, rows))
-    return RecordList(sorted(records, key=lambda r: r.run_id), unfinished)
+        train = {k: v for k, v in summary.items() if not k.startswith(("_", EVAL_PREFIX))}
+        records.append(record_from_results(results, rows, train=train))
+    return RecordList(sorted(records, key=lambda r: r.run_id), unfinished, foreign)
 
 
 def default_wandb_path(sweep_dir: str | Path) -> str:
@@ -165,8 +220,13 @@ def load_records(sweep_dir: str | Path, source: str = "local", wandb_path: str |
 
 
 def describe(records: RecordList | Sequence[Record]) -> str:
-    """One line: how many runs were read, how many of them Bayesian, and how many are unfinished."""
-    unfinished = getattr(records, "unfinished", ())
+    """One line: how many runs were read, how many of them Bayesian, how many are unfinished, and which run
+    dirs of other sweeps were ignored."""
+    unfinished, foreign = getattr(records, "unfinished", ()), getattr(records, "foreign", {})
     bayes = sum(r.bayesian for r in records)
     line = f"{len(records)} finished runs ({bayes} Bayesian, {len(records) - bayes} deterministic)"
-    return line + (f", {len(unfinished)} unfinished (skipped)" if unfinished else "")
+    line += f", {len(unfinished)} unfinished (skipped)" if unfinished else ""
+    if foreign:
+        sweeps = ", ".join(f"{s!r}: {sum(v == s for v in foreign.values())}" for s in sorted(set(foreign.values())))
+        line += f", {len(foreign)} run dir(s) of another sweep ignored ({sweeps})"
+    return line

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from asbatch.analysis.aggregate import experiments
+from asbatch.analysis.configs import INIT_FROM, NOT_SCIENCE, differing_keys, experiment_id
 from asbatch.analysis.metrics import PAPER_TABLES, table_metrics
 from asbatch.analysis.plots import ANALYSIS_PLOTS, write_plots
 from asbatch.analysis.records import Record, describe, records_from_run_dirs
@@ -27,27 +29,34 @@ table.paper th:nth-child(-n+2),table.paper td:nth-child(-n+2){text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}"""
 
 
+GROUPING = ("Runs are grouped by their resolved config without the seed and the keys that do not change the "
+            f"science ({', '.join(NOT_SCIENCE)}): n is the number of seeds, every ± and every error bar or band "
+            "is ± 1 sample std over those seeds, and rows of different configs name the keys in which they differ.")
+
+
 def build_static_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
                         records: Sequence[Record] | None = None) -> Path:
     """Write report.md and report.html (tables + figures) for the sweep into `out_dir` (default: the sweep's
     report dir), next to the figures' PNGs; report.html is self-contained (PNGs embedded).
-    `records` defaults to `records_from_run_dirs(sweep_dir)`. Returns the path of report.html."""
+    `records` defaults to `records_from_run_dirs(sweep_dir, history=True)` (the training curves need the
+    per-epoch rows). Returns the path of report.html."""
     sweep = SweepDir(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep.report_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if records is None:
-        records = records_from_run_dirs(sweep.path)
+        records = records_from_run_dirs(sweep.path, history=True)
     pngs = write_plots(records, out_dir)
     title = f"Sweep {sweep.name}"
     summary = describe(records)
 
-    md = [f"# {title}", "", summary + ".", "", "## Tables", "", sweep_tables(records, "md").rstrip(), "",
-          "## Figures", ""]
+    md = [f"# {title}", "", summary + ".", "", GROUPING, "", "## Tables", "", sweep_tables(records, "md").rstrip(),
+          "", "## Figures", ""]
     for name, path in pngs.items():
         md += [f"### {ANALYSIS_PLOTS[name][0]}", "", f"![{name}]({path.name})", ""]
     (out_dir / "report.md").write_text("\n".join(md))
 
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(summary)}.</p>", "<h2>Tables</h2>",
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(summary)}.</p>", f"<p>{html.escape(GROUPING)}</p>",
+            "<h2>Tables</h2>",
             sweep_tables(records, "html"), "<h2>Figures</h2>"]
     for name, path in pngs.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -60,14 +69,25 @@ def build_static_report(sweep_dir: str | Path, out_dir: str | Path | None = None
     return report
 
 
-def build_wandb_report(sweep: str, project: str, entity: str | None, tables_md: str) -> Any:
+def wandb_groupby(records: Sequence[Record]) -> list[str]:
+    """How the W&B Report groups the sweep's runs: by every config key in which its experiments differ (as
+    `config.<dotted key>`), so that a W&B panel, like the tables, never averages runs of different configs;
+    by lambda where there is nothing else. (A fine-tune's upstream recipe is not a W&B config key: fine-tunes
+    are grouped by their own config.)"""
+    configs = {experiment_id(c): c for c in experiments(list(records))}
+    keys = [k for k in differing_keys(configs.values()) if not k.startswith(INIT_FROM + ".") and k != INIT_FROM]
+    return [f"config.{k}" for k in keys] or ["config.adversarial.lam"]
+
+
+def build_wandb_report(sweep: str, project: str, entity: str | None, tables_md: str,
+                       records: Sequence[Record] = ()) -> Any:
     """The W&B Report (not yet saved): title, the tables as markdown, and panels over the runs whose
-    config.sweep is this sweep: the training history (per global step) and a bar panel per paper table that
-    has one (`PaperTable.wandb_panel`) over the evaluation summary."""
+    config.sweep is this sweep, grouped by `wandb_groupby(records)`: the training history (per global step)
+    and a bar panel per paper table that has one (`PaperTable.wandb_panel`) over the evaluation summary."""
     import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(entity=entity or "", project=project, name=sweep, filters=f"Config('sweep') = '{sweep}'",
-                       groupby=["config.adversarial.lam"])
+                       groupby=wandb_groupby(records))
     panels = [
         wr.LinePlot(title="Test accuracy, mean weights", x="Step", y=["test_acc_mean"]),
         wr.LinePlot(title="Test accuracy, one weight sample", x="Step", y=["test_acc_sample"]),
@@ -78,10 +98,12 @@ def build_wandb_report(sweep: str, project: str, entity: str | None, tables_md: 
     kwargs = {"entity": entity} if entity else {}  # otherwise W&B's default entity of the logged-in user
     return wr.Report(
         project=project, title=f"asbatch sweep {sweep}"[:128],
-        description="Adversarial Sampling for Bayesian neural networks: runs grouped by lambda.",
+        description="Adversarial Sampling for Bayesian neural networks: runs grouped by the config keys in which "
+                    "they differ.",
         blocks=[
             wr.H1(text=f"Sweep {sweep}"),
-            wr.P(text="Tables: mean ± std over seeds; the better of AS / no AS in bold (asbatch table)."),
+            wr.P(text="Tables: mean ± 1 std over n seeds (runs of different configs never pooled); the better of "
+                        "AS / no AS in bold (asbatch table)."),
             wr.MarkdownBlock(text=tables_md),
             wr.PanelGrid(runsets=[runset], panels=panels),
         ],

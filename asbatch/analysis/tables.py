@@ -18,12 +18,14 @@ from typing import Any, NamedTuple
 from rich.table import Table
 
 from asbatch.analysis.aggregate import DEFAULT_BY, Group, Stat, aggregate, default_grouping
+from asbatch.analysis.configs import show_value
 from asbatch.analysis.metrics import PAPER_TABLES, Metric, run_table_metrics, table_metrics
 from asbatch.analysis.records import Record, record_from_results
 from asbatch.names import dataset_title, model_title, sort_key
 
 FORMATS = ("md", "latex", "csv", "html")
-NOTE = "mean ± std over n runs (seeds); the better of AS / no AS in bold"
+NOTE = "mean ± 1 std over n seeds; the better of AS / no AS in bold"
+SPLIT_NOTE = "; [key=value]: the config keys in which rows differ (runs of different configs are never pooled)"
 _IDENTITY = ("data", "model", "fine_tuned", "as_on", "lam")  # grouping fields a row label shows by itself
 
 # ---------------------------------------------------------------------------------------------- escaping
@@ -84,6 +86,7 @@ class Section(NamedTuple):
     title: str
     columns: tuple[Column, ...]
     rows: tuple[Row, ...]
+    note: str = NOTE  # after the title, in parentheses
 
 
 # ------------------------------------------------------------------------------------------------ styles
@@ -110,7 +113,7 @@ def _md_row(cells: Sequence[str]) -> str:
 
 
 def _md_open(section: Section, head: list[str]) -> list[str]:
-    return [f"**{md_escape(section.title)}** ({NOTE})", "", _md_row(head),
+    return [f"**{md_escape(section.title)}** ({md_escape(section.note)})", "", _md_row(head),
             _md_row([":--" if c.left else "--:" for c in section.columns])]
 
 
@@ -119,7 +122,7 @@ def _latex_row(cells: Sequence[str]) -> str:
 
 
 def _latex_open(section: Section, head: list[str]) -> list[str]:
-    note = NOTE.replace("±", r"$\pm$")
+    note = latex_escape(section.note).replace("±", r"$\pm$")
     return [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_escape(section.title)}; {note}.}}",
             r"\begin{tabular}{" + "".join("l" if c.left else "r" for c in section.columns) + "}", r"\toprule",
             _latex_row(head), r"\midrule"]
@@ -130,7 +133,8 @@ def _html_row(cells: Sequence[str]) -> str:
 
 
 def _html_open(section: Section, head: list[str]) -> list[str]:
-    return ['<table class="paper">', f"<caption><b>{html.escape(section.title)}</b> ({html.escape(NOTE)})</caption>",
+    caption = f"<caption><b>{html.escape(section.title)}</b> ({html.escape(section.note)})</caption>"
+    return ['<table class="paper">', caption,
             "<thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>", "<tbody>"]
 
 
@@ -156,10 +160,10 @@ def _label_text(label: Label, style: Style) -> str:
     text = style.escape(model_title(str(group.get("model"))))
     if group.get("as_on"):
         text += " + AS"
-        if label.show_lam or len(group.lams) > 1:
-            shown = ", ".join(f"{v:g}" for v in group.lams)
-            text += f" ({style.lam} = {shown})" if len(group.lams) == 1 else f" ({style.lam} in {{{shown}}})"
-    extra = [f"{k}={v}" for k, v in group.key.items() if k not in _IDENTITY]
+        if label.show_lam:
+            text += f" ({style.lam} = {', '.join(f'{v:g}' for v in group.lams)})"
+    extra = [*(f"{k}={v}" for k, v in group.key.items() if k not in _IDENTITY),
+             *(f"{k}={show_value(v)}" for k, v in group.differs.items())]
     if extra:
         text += " [" + style.escape(", ".join(extra)) + "]"
     return text
@@ -205,12 +209,12 @@ def best_cells(groups: Sequence[Group], metric: Metric) -> set[int]:
 
 
 def _pair_key(group: Group) -> tuple:
-    """Rows compared for bolding: same key except as_on and lam."""
-    return tuple((k, v) for k, v in group.key.items() if k not in ("as_on", "lam"))
+    """Rows compared for bolding: same key except as_on and lam, and the same values of the differing keys."""
+    return (group.family, tuple((k, repr(v)) for k, v in group.differs.items()))
 
 
 def _row_order(group: Group) -> tuple:
-    extras = tuple(sort_key(k, v) for k, v in group.key.items() if k not in _IDENTITY)
+    extras = tuple(sort_key(k, v) for k, v in [*group.key.items(), *group.differs.items()] if k not in _IDENTITY)
     return (sort_key("data", group.get("data")), sort_key("model", group.get("model")), extras,
             bool(group.get("as_on")), group.lams)
 
@@ -250,7 +254,7 @@ def _paper_section(title: str, groups: Sequence[Group], metrics: Sequence[Metric
                  *(Value(g[m.name], m, (i, m.name) in bold) for m in metrics))
         rows.append(Row(cells, new_block=previous is not None and data != previous))
         previous = data
-    return Section(title, columns, tuple(rows))
+    return Section(title, columns, tuple(rows), NOTE + (SPLIT_NOTE if any(g.differs for g in groups) else ""))
 
 
 def _paper_sections(groups: Sequence[Group]) -> list[Section]:
@@ -274,7 +278,8 @@ def _csv_metrics(groups: Sequence[Group]) -> list[Metric]:
 
 def csv_columns(groups: Sequence[Group]) -> list[str]:
     """The header of `paper_tables(groups, "csv")`."""
-    extra = list(dict.fromkeys(k for g in groups for k in g.key if k not in _IDENTITY))
+    extra = list(dict.fromkeys([*(k for g in groups for k in g.key if k not in _IDENTITY),
+                                *(k for g in groups for k in g.differs)]))
     return ["dataset", "model", "fine_tuned", "as_on", "lambda", *extra, "n",
             *(f"{m.name}_{s}" for m in _csv_metrics(groups) for s in ("mean", "std"))]
 
@@ -288,6 +293,7 @@ def _csv_section(groups: Sequence[Group]) -> Section:
                                "fine_tuned": g.get("fine_tuned", ""), "as_on": g.get("as_on"),
                                "lambda": ";".join(f"{v:g}" for v in g.lams), "n": g.n}
         row.update({k: v for k, v in g.key.items() if k not in _IDENTITY})
+        row.update({k: show_value(v) for k, v in g.differs.items()})
         for m in metrics:
             for which in ("mean", "std"):
                 value = getattr(g[m.name], which)

@@ -17,10 +17,13 @@ from asbatch.cli.common import any_sweep_dir, runs_root_option
               help="read run dirs, or the W&B API (runs grouped by sweep)")
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv", "html"]), default="md", show_default=True)
 @click.option("--wandb-path", default=None, help="ENTITY/PROJECT (default: from the runs' tracking config)")
+@click.option("--per-run", is_flag=True,
+              help="one row per run (config, every metric, train summary: asbatch.results) instead of the tables")
 @runs_root_option
-def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, runs_root: Path) -> None:
+def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, per_run: bool, runs_root: Path) -> None:
     """Print the paper's tables for a sweep: lowest / highest / ensembled accuracy, accuracy on the 20-80%
-    most certain data, calibration and OOD columns; mean +- std over seeds, AS rows bold where they win."""
+    most certain data, calibration and OOD columns; mean +- std over seeds, AS rows bold where they win.
+    With --per-run: one row per run instead."""
     from asbatch.analysis import describe, load_records, sweep_tables
 
     sweep_dir = runs_root / sweep if source == "wandb" else any_sweep_dir(runs_root, sweep)
@@ -28,6 +31,11 @@ def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, run
     click.echo(describe(records), err=True)
     if not records:
         sys.exit(1)
+    if per_run:
+        from asbatch.results import per_run_table, records_frame
+
+        click.echo(per_run_table(records_frame(records), fmt, title=f"Runs of {sweep_dir.name}"), nl=False)
+        return
     click.echo(sweep_tables(records, fmt=fmt), nl=False)
 
 
@@ -53,7 +61,7 @@ def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
 
     entity, _, project = default_wandb_path(sweep_dir).rpartition("/")
     records = load_records(sweep_dir)
-    report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"))
+    report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"), records)
     click.echo(report.save().url)
 
 
