@@ -78,6 +78,7 @@ class Tracker:
         self._server_step = 0              # online: steps below it are on the server
         self._last_logged = -1
         self._segment: Path | None = None  # offline: this segment's dir
+        self._as_on = config.model.bayesian and config.adversarial.lam > 0  # the figures' method colour
         if self.mode != "disabled":
             self._guard(self._init, config)
 
@@ -169,7 +170,7 @@ class Tracker:
                 data=[[float(f), a] for f, a in ev["retained_accuracy"].items()]),
         }
         for name, make in (("retained_curve", retained_curve), ("reliability_diagram", reliability_diagram)):
-            out[f"evaluation/{name}"] = wandb.Image(str(make(ev, self.run_dir.figure(name))))
+            out[f"evaluation/{name}"] = wandb.Image(str(make(ev, self.run_dir.figure(name), as_on=self._as_on)))
         return out
 
     def __enter__(self) -> Tracker:
