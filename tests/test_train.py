@@ -141,7 +141,7 @@ def test_a_loss_that_is_non_finite_before_any_checkpoint_says_so(tmp_path):
         train(cfg, tmp_path / "nan")
     from asbatch.rundir import RunDir
 
-    assert RunDir(tmp_path / "nan").read_failure().startswith("NonFiniteLossError: loss is nan at global step")
+    assert RunDir(tmp_path / "nan").read_failure().startswith("NonFiniteLossError: loss is nan or inf at global step")
 
 
 def test_fp16_trains_in_fp16_on_cpu_and_checkpoints_its_grad_scaler(tmp_path):
@@ -193,3 +193,27 @@ def test_a_stop_during_the_final_evaluation_keeps_the_epoch_checkpoint_and_redoe
     resumed = train(cfg, run_dir)
     assert (run_dir / "metrics.jsonl").read_text() == metrics, "no epoch was trained again"
     assert resumed["evaluation"] == reference["evaluation"] and resumed["train"] == reference["train"]
+
+
+def test_rng_state_saves_only_what_training_draws_from_and_a_foreign_device_state_is_reseeded():
+    from asbatch.train.setup import rng_state, set_rng_state
+
+    gen = torch.Generator().manual_seed(3)
+    state = rng_state(gen)
+    assert set(state) == {"torch", "eps", "eps_device"} and state["eps_device"] == "cpu"
+    expected = torch.randn(4, generator=torch.Generator().set_state(state["eps"]))
+    # saved by a task that saw 4 GPUs (an older checkpoint with the CUDA default generators): resumes here
+    legacy = {**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4}
+    legacy.pop("eps_device")
+    fresh = torch.Generator().manual_seed(99)
+    assert set_rng_state(legacy, fresh) is True
+    assert torch.equal(torch.randn(4, generator=fresh), expected)
+    # an eps generator saved on a GPU (16-byte Philox state) cannot be restored on the CPU: re-seeded, warned
+    on_gpu = {"torch": torch.get_rng_state(), "eps": torch.zeros(16, dtype=torch.uint8), "eps_device": "cuda"}
+    fresh = torch.Generator().manual_seed(99)
+    with pytest.warns(UserWarning, match="saved on cuda and resumes on cpu: it is re-seeded"):
+        assert set_rng_state(on_gpu, fresh) is False
+    assert torch.equal(torch.randn(4, generator=fresh), torch.randn(4, generator=torch.Generator().manual_seed(99)))
+    on_gpu.pop("eps_device")  # a legacy GPU state is recognised by its size
+    with pytest.warns(UserWarning, match="saved on cuda"):
+        assert set_rng_state(on_gpu, torch.Generator()) is False

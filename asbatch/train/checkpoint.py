@@ -9,9 +9,7 @@ any checkpoint that is partial or unreadable.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,14 +18,9 @@ from typing import Any
 import torch
 
 from asbatch.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from asbatch.train.faults import kill_point
 
 PREFIX = "step-"
-
-
-def fault_point(name: str, step: int) -> None:
-    """Fault injection for the resume tests: `ASBATCH_FAULT=<name>:<step>` SIGKILLs this process here."""
-    if os.environ.get("ASBATCH_FAULT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save(
@@ -52,7 +45,7 @@ def save(
     atomic_write_bytes(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
     if rank == 0:
         atomic_write_bytes(tmp / "shared.pt", lambda f: torch.save(shared, f))
-    fault_point("checkpoint", step)
+    kill_point("checkpoint", step)
     barrier()
     if rank == 0:
         atomic_write_json(tmp / "COMPLETE", {"step": step, "world_size": world_size})

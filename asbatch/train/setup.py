@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,21 @@ def code_version() -> str:
 
 
 def rng_state(eps_gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "eps": eps_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """What this rank's training draws from: the CPU default generator and its own eps generator, with the
+    eps generator's device. The CUDA default generators are never drawn from, so they are not saved (a
+    task that sees fewer GPUs than the one that saved must still resume)."""
+    return {"torch": torch.get_rng_state(), "eps": eps_gen.get_state(), "eps_device": eps_gen.device.type}
 
 
-def set_rng_state(state: dict[str, Any], eps_gen: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], eps_gen: torch.Generator) -> bool:
+    """Restore a rank's RNG state; False (with a warning, the eps generator keeping its fresh seed) when the
+    eps state was saved on another kind of device, so it cannot be restored here."""
     torch.set_rng_state(state["torch"])
+    saved_on = state.get("eps_device") or ("cpu" if state["eps"].numel() == torch.get_rng_state().numel() else "cuda")
+    if saved_on != eps_gen.device.type:
+        warnings.warn(f"the AS noise generator was saved on {saved_on} and resumes on {eps_gen.device.type}: "
+                      "it is re-seeded, so this run is no longer bitwise identical to an uninterrupted one",
+                      stacklevel=2)
+        return False
     eps_gen.set_state(state["eps"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return True

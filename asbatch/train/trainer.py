@@ -26,6 +26,7 @@ from asbatch.fsutil import atomic_write_bytes
 from asbatch.names import EPOCH_SAMPLE_STREAM, derived_seed
 from asbatch.rundir import RunDir, SweepDir
 from asbatch.train import checkpoint
+from asbatch.train.faults import kill_point, nan_loss
 from asbatch.train.setup import (
     autocast_dtype,
     autocast_forward,
@@ -89,14 +90,6 @@ def epoch_test_metrics(model: nn.Module, loader: DeviceLoader, bayesian: bool, e
         sample_noise(model, torch.Generator().manual_seed(derived_seed(0, EPOCH_SAMPLE_STREAM + epoch)))
         sample_acc = test_accuracy(model, loader)
     return {"test_acc_mean": mean_acc, "test_acc_sample": sample_acc}
-
-
-def stop_agreed(accelerator, local_flag: bool) -> bool:
-    """True on every rank if any rank wants to stop (signals reach ranks at slightly different times)."""
-    if accelerator.num_processes == 1:
-        return local_flag
-    flag = torch.tensor([1.0 if local_flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def ranks_in_sync(accelerator, model: nn.Module) -> bool:
@@ -173,9 +166,20 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns (loss, logits), detached. The forward runs under autocast (see
-        `autocast_forward`); the backward passes inside as_step run outside it, as they should."""
+    def agree(self, stop: bool, non_finite: bool) -> tuple[bool, list[int]]:
+        """One all-reduce per step: does any rank want to stop, and which ranks saw a non-finite loss? Every
+        rank gets the same answer, so all stop together (no rank waits in a collective for a dead one)."""
+        if self.world == 1:
+            return stop, [self.rank] if non_finite else []
+        flags = torch.zeros(self.world + 1, device=self.device)
+        flags[0], flags[1 + self.rank] = float(stop), float(non_finite)
+        flags = self.accelerator.reduce(flags, reduction="sum").tolist()
+        return flags[0] > 0, [r for r in range(self.world) if flags[1 + r] > 0]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step; returns (loss, logits) detached, and whether any rank asked to stop. The
+        forward runs under autocast (see `autocast_forward`); the backward passes inside as_step run outside
+        it, as they should. A non-finite loss on any rank stops every rank before the optimizer step."""
         acc, adv = self.accelerator, self.config.adversarial
         if self.config.model.bayesian:
             scale = self.scaler.get_scale() if self.scaler is not None else 1.0
@@ -187,8 +191,10 @@ class Trainer:
             logits = self.model(x)
             loss = F.cross_entropy(logits, y)
             self._backward(loss)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._non_finite_message(loss.item()))
+        non_finite = not bool(torch.isfinite(loss)) or nan_loss(self.prog.global_step + 1, self.rank)
+        stop, bad_ranks = self.agree(stop, non_finite)
+        if bad_ranks:
+            raise NonFiniteLossError(self._non_finite_message(bad_ranks))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.optim.grad_clip:
@@ -204,13 +210,14 @@ class Trainer:
         with warnings.catch_warnings():  # the schedule follows the data position, skipped fp16 steps included
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
             self.scheduler.step()
-        return loss.detach(), logits.detach()
+        return loss.detach(), logits.detach(), stop
 
-    def _non_finite_message(self, loss: float) -> str:
+    def _non_finite_message(self, ranks: list[int]) -> str:
         last = checkpoint.latest_step(self.run_dir.checkpoints)
         kept = (f"the last good checkpoint (step {last}) in {self.run_dir.checkpoints} is kept" if last is not None
                 else "no checkpoint was written before it")
-        return f"loss is {loss} at global step {self.prog.global_step} (epoch {self.prog.epoch}); {kept}"
+        where = "" if self.world == 1 else f" on rank {', '.join(map(str, ranks))} of {self.world}"
+        return f"loss is nan or inf{where} at global step {self.prog.global_step} (epoch {self.prog.epoch}); {kept}"
 
     def run_epoch(self, should_stop: Callable[[], bool] | None, bar) -> tuple[float, float]:
         """Train the rest of the current epoch (checkpointing every `checkpoint_every` steps); returns this
@@ -233,7 +240,7 @@ class Trainer:
 
         self.model.train()
         for x, y in self.train_loader.epoch(prog.epoch, prog.step_in_epoch):
-            loss, logits = self.step(x, y)
+            loss, logits, stop = self.step(x, y, should_stop is not None and should_stop())
             loss_sum += loss
             prog.epoch_correct += int((logits.argmax(1) == y).sum())
             prog.epoch_seen += len(y)
@@ -241,8 +248,8 @@ class Trainer:
             prog.global_step += 1
             if bar is not None:
                 bar.update(1)
-            checkpoint.fault_point("step", prog.global_step)
-            if should_stop is not None and stop_agreed(self.accelerator, should_stop()):
+            kill_point("step", prog.global_step)
+            if stop:
                 checkpoint_mid_epoch()
                 raise TrainingInterrupted(prog.global_step)
             if prog.global_step % self.config.checkpoint_every == 0 and prog.step_in_epoch < self.steps_per_epoch:
@@ -276,11 +283,11 @@ class Trainer:
         prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = 0
         prog.epoch_loss_sum = prog.epoch_time_s = 0.0
         self.save_checkpoint()
-        checkpoint.fault_point("epoch", prog.epoch)
+        kill_point("epoch", prog.epoch)
 
     def stop_if_asked(self, should_stop: Callable[[], bool] | None) -> None:
         """After an epoch-end checkpoint: stop there if any rank was asked to (collective)."""
-        if should_stop is not None and stop_agreed(self.accelerator, should_stop()):
+        if should_stop is not None and self.agree(should_stop(), non_finite=False)[0]:
             raise TrainingInterrupted(self.prog.global_step)
 
     def results(self, wall_start: float, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
