@@ -159,7 +159,8 @@ def test_topological_order_with_several_upstreams():
 
 def test_collapsed_upstream_is_shared_by_downstream_runs():
     spec = _spec(grid={"seed": [0, 1], "adversarial.lam": [0.2, 0.4, 0.6]},
-                 stages={"pre": {"grid_ignore": ["adversarial.lam"]},
+                 stages={"pre": {"grid_ignore": ["adversarial.lam"],
+                                 "config": {"model": {"bayesian": False}, "adversarial": {"lam": 0.0}}},
                          "post": {"after": "pre", "init_from": "pre"}})
     sweep = expand(parse_spec(spec))
     assert len(sweep.stage("pre").runs) == 2 and len(sweep.stage("post").runs) == 6

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from asbatch.cli.app import main
-from asbatch.cli.common import load_sweep_or_exit, runs_root_option
+from asbatch.cli.common import check_data_or_exit, load_sweep_or_exit, make_runs_root, runs_root_option
 
 
 @main.command("run")
@@ -21,12 +21,14 @@ def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> No
     Finished runs are skipped, interrupted ones resume. Under torchrun / srun every process runs this
     command and the runs train with DDP.
     """
+    sweep, selected = load_sweep_or_exit(spec_path, stages, runs_root)  # before torch is imported
+    check_data_or_exit(sweep, selected)
+    make_runs_root(runs_root)
     from rich.console import Console
 
     from asbatch.analysis import run_table
     from asbatch.train import train
 
-    sweep, selected = load_sweep_or_exit(spec_path, stages)
     results = []
     for stage in selected:
         for run in stage.runs:
