@@ -9,6 +9,7 @@ then is anything created. Bad input is `BadInput` / `SpecError` (exit 2, see `as
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ import click
 from asbatch.cli.app import BadInput, error_line
 
 RUNS_ENV = "ASBATCH_RUNS"
+SIGNAL_DELAY_ENV = "ASBATCH_SIGNAL_DELAY_S"  # read by asbatch.launch.slurm when it writes job scripts
 
 
 def runs_root_option(f):
@@ -40,6 +42,9 @@ def checked_runs_root(runs_root: Path) -> Path:
         raise BadInput(f"{origin}: a path of more than 3000 characters")
     if runs_root.exists() and not runs_root.is_dir():
         raise BadInput(f"{origin}: {str(runs_root)!r} exists and is not a directory")
+    delay = os.environ.get(SIGNAL_DELAY_ENV)
+    if delay is not None and not (re.fullmatch(r"[0-9]{1,4}", delay) and 1 <= int(delay) <= 3600):
+        raise BadInput(f"${SIGNAL_DELAY_ENV}: expected whole seconds between 1 and 3600 (got {delay!r})")
     return runs_root
 
 

@@ -55,7 +55,7 @@ def did_you_mean(word: Any, candidates: Sequence[str] | dict) -> str:
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None,
-                            where: Callable[[Loc], str] = dotted) -> str:
+                            where: Callable[[Loc], str] = dotted, quote: bool = True) -> str:
     """One line for pydantic's first error: '<dotted field>: <problem> (got <value>)'.
 
     `where` maps pydantic's location to the field's place in the spec; `model` (the validated class) lets an
@@ -73,18 +73,21 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] | None 
         problem = f"{value!r} is not one of: {', '.join(allowed)}{did_you_mean(value, allowed)}"
     else:
         problem = first["msg"].removeprefix("Value error, ")
-        problem += f" (got {show(value)})" if loc else ""  # a whole-model error's input is everything
+        key, sep, rest = problem.partition(": ")
+        if kind == "value_error" and sep and isinstance(value, dict) and key in value:
+            loc, value, problem = (*loc, key), value[key], rest  # a mapping's validator named the bad entry
+        problem += f" (got {show(value)})" if loc and quote else ""  # a whole-model error's input is everything
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     path = where(loc)
     return f"{path}: {problem}{more}" if path else problem + more
 
 
-def validate(model: type[M], data: Any, where: Callable[[Loc], str] = dotted) -> M:
+def validate(model: type[M], data: Any, where: Callable[[Loc], str] = dotted, quote: bool = True) -> M:
     """`model.model_validate(data)`, a ValidationError turned into a one-line SpecError."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise SpecError(format_validation_error(err, model, where)) from None
+        raise SpecError(format_validation_error(err, model, where, quote)) from None
 
 
 def _unwrap(tp: Any) -> Any:

@@ -42,7 +42,6 @@ MAX_NODES = 50_000      # YAML nodes after alias expansion: what every later wal
 MAX_DEPTH = 40          # nesting levels (a spec needs about 6)
 # C0 controls (newline, CR, NUL, tab, escape...), DEL, C1 controls, and the Unicode line / paragraph separators
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_NULLS = ("", "~", "null", "Null", "NULL")
 _CORE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
@@ -209,7 +208,7 @@ def _read_as_written(root: Node, key: str) -> None:
     for key_node, value in root.value:
         if isinstance(key_node, ScalarNode) and key_node.value == key and isinstance(value, MappingNode):
             for _, item in value.value:
-                if isinstance(item, ScalarNode) and not (item.style is None and item.value in _NULLS):
+                if isinstance(item, ScalarNode) and item.tag != "tag:yaml.org,2002:null":  # null stays (refused)
                     item.tag = "tag:yaml.org,2002:str"
 
 
@@ -231,6 +230,10 @@ def parse_yaml(text: str, quote: bool = True, as_written: str | None = None) -> 
         raise SpecError(f"{err.message}{_where(err.mark)}") from None
     except RecursionError:
         raise SpecError(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow (a raw control character)
+        line = text.count("\n", 0, err.position) + 1
+        raise SpecError(f"YAML syntax error at line {line}: character 0x{err.character:02x} is not allowed "
+                        f"({err.reason})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         if mark is not None and "\t" in _line(text, mark.line)[:mark.column + 1]:
@@ -256,7 +259,7 @@ def kind(value: Any, quote: bool = True) -> str:
     return f"a {type(value).__name__} ({show(value)})" if quote else f"a {type(value).__name__}"
 
 
-def reject_control_chars(value: Any, loc: tuple = ()) -> None:
+def reject_control_chars(value: Any, loc: tuple = (), quote: bool = True) -> None:
     """No control character (newline, CR, NUL, tab, escape, C1, U+2028/9) in any key or string: they end up in
     #SBATCH lines, paths and job names. Iterative; each list or mapping is visited once."""
     seen: set[int] = set()
@@ -265,8 +268,9 @@ def reject_control_chars(value: Any, loc: tuple = ()) -> None:
         item, where = stack.pop()
         if isinstance(item, str):
             if CONTROL.search(item):
+                got = f" (got {show(item)})" if quote else ""
                 raise SpecError(f"{dotted(where) or 'top level'}: control characters (newline, carriage return, NUL, "
-                                f"tab, escape) are not allowed (got {show(item)})")
+                                f"tab, escape) are not allowed{got}")
         elif isinstance(item, dict | list) and id(item) not in seen:
             seen.add(id(item))
             pairs = item.items() if isinstance(item, dict) else enumerate(item)

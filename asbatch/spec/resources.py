@@ -37,6 +37,7 @@ MAX_TOKEN = 256        # characters of one Slurm token or extra-flag value
 MAX_ENV_VALUE = 4096   # characters of one environment value
 MAX_TIME_MIN = 365 * 1440  # a year; Slurm's own limits are set per partition
 MAX_MEM_GB = 16 * 1024     # 16 TiB per node
+MIN_MEM_MB = 64            # less cannot hold a Python process
 # the launcher owns these variables in a job: a profile must not set them
 RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
 RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_")
@@ -61,7 +62,7 @@ def no_control(value: str) -> str:
 def _slurm_token(value: str) -> str:
     no_control(value)
     if len(value) > MAX_TOKEN:
-        raise ValueError(f"at most {MAX_TOKEN} characters (got {len(value)})")
+        raise ValueError(f"at most {MAX_TOKEN} characters")
     if not _SLURM_TOKEN.fullmatch(value):
         raise ValueError(r"only letters, digits and _ . , : | & ! [ ] * - are allowed")
     return value
@@ -85,7 +86,7 @@ def _extra_flag(name: str) -> str:
 def _extra_value(value: str) -> str:
     no_control(value)
     if len(value) > MAX_TOKEN:
-        raise ValueError(f"at most {MAX_TOKEN} characters (got {len(value)})")
+        raise ValueError(f"at most {MAX_TOKEN} characters")
     if not _EXTRA_VALUE.fullmatch(value):
         raise ValueError(r"only letters, digits and _ . , : | & ! [ ] * @ % + = / - are allowed")
     return value
@@ -120,7 +121,7 @@ def _env_name(name: str) -> str:
 def _env_value(value: str) -> str:
     no_control(value)
     if len(value) > MAX_ENV_VALUE:
-        raise ValueError(f"at most {MAX_ENV_VALUE} characters (got {len(value)})")
+        raise ValueError(f"at most {MAX_ENV_VALUE} characters")
     return value
 
 
@@ -176,10 +177,12 @@ def _no_bool(value: Any) -> Any:
 
 
 def _whole_mb(mem_gb: float) -> float:
-    """Round up to whole MB (Slurm's unit): 0.0001 GB must never become --mem=0, which means all of a node."""
+    """Round up to whole MB (Slurm's unit), at least MIN_MEM_MB: a tiny value must never become --mem=0, which
+    Slurm reads as all of a node's memory."""
     mb = math.ceil(mem_gb * 1024 - 1e-9)
-    if mb < 1:
-        raise ValueError("less than 1 MB; Slurm counts memory in whole MB and --mem=0 means all of a node's memory")
+    if mb < MIN_MEM_MB:
+        raise ValueError(f"at least {MIN_MEM_MB} MB ({MIN_MEM_MB / 1024:g} GB) for a training process; a tiny value "
+                         "would round to --mem=0, which Slurm reads as all of a node's memory")
     return mb / 1024
 
 
@@ -299,9 +302,13 @@ def available_profiles() -> list[str]:
     return sorted({p.stem for d in profile_dirs() if d.is_dir() for p in [*d.glob("*.yaml"), *d.glob("*.yml")]})
 
 
+def _is_path(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".yaml", ".yml"))
+
+
 def find_profile(ref: str, base_dir: Path | None = None) -> Path:
     """A profile name -> its file; a ref with '/' or a .yaml suffix is a path (relative to `base_dir`)."""
-    if "/" in ref or ref.endswith((".yaml", ".yml")):
+    if _is_path(ref):
         path = Path(ref).expanduser()
         path = path if path.is_absolute() or base_dir is None else base_dir / path
         if not path.is_file():
@@ -325,9 +332,9 @@ def load_profile(ref: str, base_dir: Path | None = None) -> Profile:
         if not isinstance(data, dict):
             raise SpecError(f"not a profile: a profile is a YAML mapping of resources (and env), this file holds "
                             f"{kind(data, quote=False)}")
-        reject_control_chars(data)
-        parsed = validate(ProfileFile, data)
+        reject_control_chars(data, quote=False)  # values may be secrets (an API key in env): never repeated
+        parsed = validate(ProfileFile, data, quote=False)
         resources = Resources.model_validate(parsed.model_dump(exclude_unset=True, exclude={"env"}))
     except SpecError as err:
-        raise SpecError(f"profile {ref!r} ({path}): {err}") from None
+        raise SpecError(f"profile {ref!r}{'' if _is_path(ref) else f' ({path})'}: {err}") from None
     return Profile(name=path.stem, path=path, resources=resources, env=dict(parsed.env))
