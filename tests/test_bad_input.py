@@ -125,6 +125,11 @@ def test_a_profile_is_never_echoed(tmp_path):
     assert "BEGIN" not in line and "b3Bl" not in line
     _write(tmp_path, "id_rsa", b"\x00\x01secret")
     assert "secret" not in rejected(invoke("submit", spec, "--dry-run"), "binary file")
+    environ = _write(tmp_path, "environ.yaml", "sweep: a\nprofile: /proc/self/environ\n")
+    rejected(invoke("submit", environ, "--dry-run", env={"SECRET_TOKEN": "hunter2"}), "binary file")
+    shadow = _write(tmp_path, "shadow", "root:$6$salt$hunter2:19000:0:99999:7:::\n")
+    _write(tmp_path, "spec.yaml", f"sweep: a\nprofile: {shadow}\n")
+    assert "hunter2" not in rejected(invoke("submit", spec, "--dry-run"), "none of its 1 keys is a profile field")
 
 
 def test_env_values_are_exported_as_written(tmp_path):
@@ -168,3 +173,4 @@ def test_other_bad_arguments_and_environment(tmp_path):
     (tmp_path / "file").write_text("")
     rejected(invoke("run", spec, "--runs-root", tmp_path / "file"), "--runs-root", "is a file")
     rejected(invoke("run", spec, "--runs-root", tmp_path / "file" / "runs"), "cannot create the runs root", code=1)
+    rejected(invoke("logs", "train-0123456789", "--task", "-1"), "--task", "-1 is not in the range")

@@ -97,9 +97,9 @@ def check_init_files(sweep, spec_path: Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
             build_model(name, classes, in_channels=channels, bayesian=False, width=width).load_state_dict(state)
         except Exception as err:  # noqa: BLE001 - whatever torch says, it does not fit
-            raise BadInput(f"{spec_path}: model.init_from of run {run.run_id}: {str(path)!r} does not fit {name} "
-                           f"(width {width}, {classes} classes, {channels} channels): "
-                           f"{' '.join(str(err).split())[:300]}") from None
+            raise BadInput(f"{spec_path}: model.init_from {str(path)!r} (run {run.run_id}) does not fit {name} "
+                           f"(width {width}, {classes} classes, {channels} input channels): "
+                           f"{type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
 
 
 def check_data_or_exit(sweep, stages, dry_run: bool = False) -> None:

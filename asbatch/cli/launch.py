@@ -162,7 +162,8 @@ def status_command(sweep: str | None, runs_root: Path) -> None:
 @click.argument("run_id")
 @click.option("--sweep", help="the run's sweep (default: search every sweep under the runs root)")
 @click.option("--err", "stderr", is_flag=True, help="print stderr instead of stdout")
-@click.option("--task", default=0, show_default=True, help="task (rank) of a multi-task job")
+@click.option("--task", type=click.IntRange(0, 100_000), default=0, show_default=True,
+              help="task (rank) of a multi-task job")
 @runs_root_option
 def logs_command(run_id: str, sweep: str | None, stderr: bool, task: int, runs_root: Path) -> None:
     """Print the stdout (or stderr) of RUN_ID's latest job."""

@@ -1,6 +1,7 @@
 """Cross-field and cross-stage checks of expanded runs: what would otherwise fail hours into a sweep.
 
-- `data.batch_size` fits in the training set (a training epoch needs one full batch);
+- `data.batch_size` fits in the training set (a training epoch needs one full batch) and splits evenly over
+  the stage's processes;
 - `eval.ood` is another data set with the training set's image shape;
 - `model.init_from` names a deterministic run of the same model, width, classes and input channels: an
   upstream run of this sweep (`init_from: <stage>`, or `run:<id>` of an `after` stage), a finished run in
@@ -12,6 +13,7 @@ Each check gets `where(loc)`: the spec field that set the RunConfig value at `lo
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,12 @@ from asbatch.spec.errors import SpecError, show
 Where = Callable[[tuple], str]
 
 
-def check_run(config: RunConfig, where: Where) -> None:
-    """The checks one run's config allows on its own: batch size against the data, the OOD set."""
+def check_run(config: RunConfig, where: Where, processes: int = 1) -> None:
+    """The checks one run's config allows on its own: batch size against the data and the stage's processes
+    (`nodes` x one per GPU: each takes an equal share of every global batch), the OOD set."""
+    if config.data.batch_size % processes:
+        raise SpecError(f"{where(('data', 'batch_size'))}: {config.data.batch_size} does not split evenly over the "
+                        f"{processes} processes of stage {config.stage!r} (nodes x max(1, gpus_per_node))")
     data = FACTS[config.data.name]
     n_train = min(data.train_size, config.data.train_subset or data.train_size)
     if config.data.batch_size > n_train:
@@ -77,6 +83,8 @@ def check_init_from(config: RunConfig, where: Where, sweep_runs: Mapping[str, tu
         weights = run_dir.model_file if path.is_dir() else path
         if not weights.is_file():
             raise SpecError(f"{field}: no trained model at {show(str(weights))}")
+        if not zipfile.is_zipfile(weights):
+            raise SpecError(f"{field}: {show(str(weights))} is not a weights file (torch.save writes a zip archive)")
     if weights == run_dir.model_file and run_dir.config_file.is_file():
         try:
             source = run_dir.read_config()

@@ -62,7 +62,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] | None 
     unknown key get a "did you mean" from the valid keys of its level.
     """
     errors = err.errors(include_url=False)
-    first = errors[0]
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains a missing key
     loc, kind, value = tuple(first["loc"]), first["type"], first.get("input")
     if kind == "extra_forbidden":
         problem = "unknown key" + did_you_mean(loc[-1], keys_at(model, loc[:-1]))

@@ -161,7 +161,8 @@ def _expand_stage(spec: Spec, name: str, matches: dict[str, dict[tuple, str]],
         seen[run_id] = point
         matches[name][_point_key(point, keys)] = run_id
         where = functools.partial(_origin, spec, name, point)
-        check_run(config, where)
+        resources = spec.resources[name]
+        check_run(config, where, processes=resources.nodes * max(1, resources.gpus_per_node))
         check_init_from(config, where, runs_so_far, stage.after, runs_root)
         runs.append(SweepRun(config, run_id, upstream, {k: spec.grid[k][i] for k, i in point.items()}))
     runs_so_far.update({run.run_id: (name, run.config) for run in runs})

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from asbatch.names import NAME, NAME_RULE
-from asbatch.spec.errors import SpecError, did_you_mean, validate
+from asbatch.spec.errors import SpecError, did_you_mean, model_keys, validate
 from asbatch.spec.loading import CONTROL, kind, read_yaml, reject_control_chars
 
 PROFILES_ENV = "ASBATCH_PROFILES"
@@ -32,6 +32,7 @@ _FLAG_FIELDS = {"partition": "partition", "account": "account", "qos": "qos", "n
 _SLURM_TOKEN = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*-]+")
 _EXTRA_VALUE = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*@%+=/-]*")  # '' = a bare flag such as --exclusive
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,40}")
 _TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+):([0-5][0-9]):([0-5][0-9])")
 MAX_TOKEN = 256        # characters of one Slurm token or extra-flag value
 MAX_ENV_VALUE = 4096   # characters of one environment value
@@ -277,6 +278,17 @@ class ProfileFile(Resources):
         return out
 
 
+def _known_keys(data: dict) -> None:
+    """A file that is a mapping but no profile (a password file, a netrc) is refused without repeating its keys,
+    which may be secrets; an unknown key that looks like a name is left to the validation's "did you mean"."""
+    names = model_keys(ProfileFile)
+    unknown = [key for key in data if key not in names]
+    if unknown and len(unknown) == len(data):
+        raise SpecError(f"not a profile: none of its {len(data)} keys is a profile field ({', '.join(names)})")
+    if any(not _PLAIN_KEY.fullmatch(key) for key in unknown):
+        raise SpecError("a key that is not a profile field (not repeated: it does not look like a field name)")
+
+
 @dataclass(frozen=True)
 class Profile:
     """A loaded cluster profile: `resources` holds only the fields the file sets (for `Resources.updated`)."""
@@ -332,6 +344,7 @@ def load_profile(ref: str, base_dir: Path | None = None) -> Profile:
         if not isinstance(data, dict):
             raise SpecError(f"not a profile: a profile is a YAML mapping of resources (and env), this file holds "
                             f"{kind(data, quote=False)}")
+        _known_keys(data)
         reject_control_chars(data, quote=False)  # values may be secrets (an API key in env): never repeated
         parsed = validate(ProfileFile, data, quote=False)
         resources = Resources.model_validate(parsed.model_dump(exclude_unset=True, exclude={"env"}))
