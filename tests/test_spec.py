@@ -18,6 +18,7 @@ from asbatch.spec import (
     expand,
     load_profile,
     load_spec,
+    load_sweep,
     parse_spec,
     parse_time,
 )
@@ -240,3 +241,30 @@ def test_run_refs_resolve_inside_the_runs_root(tmp_path):
     assert resolve_init_from("/ckpt/x.pt", sweep_dir) == Path("/ckpt/x.pt")
     with pytest.raises(ValueError):
         ref_run_id("run:../../etc")
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+def test_overrides_are_applied_before_validation_with_the_same_messages(tmp_path):
+    spec = GOOD / "single_stage.yaml"
+    sweep = load_sweep(spec, overrides={"defaults.optim.lr": 0.5, "grid.model.name": ["mlp", "vgg11"],
+                                        "stages.train.resources.time": 5})
+    assert {r.config.optim.lr for r in sweep.runs} == {0.01, 0.001}  # the grid still wins over defaults
+    assert {r.config.model.name for r in sweep.runs} == {"mlp", "vgg11"} and len(sweep.runs) == 8
+    assert sweep.stage("train").resources.timeout_min == 5
+    with pytest.raises(SpecError, match=rf"^{spec}: defaults.schedule.gamma: Input should be a finite number"):
+        load_sweep(spec, overrides={"defaults.schedule.gamma": float("inf")})
+    with pytest.raises(SpecError, match=r"defaults.precision.x: defaults.precision is a str \('no'\), not a mapping"):
+        load_sweep(spec, overrides={"defaults.precision.x": 1})
+    one_run = tmp_path / "one.yaml"
+    one_run.write_text("sweep: s\noptim: {lr: 0.1}\n")
+    assert load_sweep(one_run, overrides={"optim.lr": 0.2}).runs[0].config.optim.lr == 0.2
+    with pytest.raises(SpecError, match=r"one.yaml: optim.lr: Input should be less than or equal to 10 \(got 100\)"):
+        load_sweep(one_run, overrides={"optim.lr": 100})
+
+
+def test_overrides_do_not_change_what_yaml_aliases_share(tmp_path):
+    path = tmp_path / "alias.yaml"
+    path.write_text("sweep: s\nstages:\n  a: {resources: &r {time: 7}}\n  b: {resources: *r}\n")
+    sweep = load_sweep(path, overrides={"stages.a.resources.time": 9})
+    assert (sweep.stage("a").resources.timeout_min, sweep.stage("b").resources.timeout_min) == (9, 7)

@@ -107,17 +107,18 @@ def apply_overrides(data: Any, overrides: Mapping[str, Any]) -> Any:
             parts = ["grid", ".".join(parts[1:])]
         if not all(parts):
             raise SpecError(f"{dotted_path}: not a dotted field path")
-        data = _set(data, parts, value, dotted_path)
+        data = _set(data, parts, value, dotted_path, ())
     return data
 
 
-def _set(node: Any, parts: list[str], value: Any, full: str) -> Any:
+def _set(node: Any, parts: list[str], value: Any, full: str, done: tuple[str, ...]) -> Any:
     if node is None:
         node = {}
     if not isinstance(node, dict):
-        raise SpecError(f"{full}: cannot set {parts[0]!r} inside {kind(node)}")
+        raise SpecError(f"{full}: {'.'.join(done) or 'the top level'} is {kind(node)}, not a mapping")
     node = dict(node)
-    node[parts[0]] = value if len(parts) == 1 else _set(node.get(parts[0]), parts[1:], value, full)
+    child = node.get(parts[0])
+    node[parts[0]] = value if len(parts) == 1 else _set(child, parts[1:], value, full, (*done, parts[0]))
     return node
 
 
