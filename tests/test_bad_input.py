@@ -14,6 +14,7 @@ import pytest
 import yaml
 from cli_helpers import invoke, rejected
 
+from asbatch.rundir import SweepDir
 from asbatch.spec import PROFILES_ENV, SpecError, load_sweep
 
 SPECS = Path(__file__).resolve().parent / "specs"
@@ -174,3 +175,33 @@ def test_other_bad_arguments_and_environment(tmp_path):
     rejected(invoke("run", spec, "--runs-root", tmp_path / "file"), "--runs-root", "is a file")
     rejected(invoke("run", spec, "--runs-root", tmp_path / "file" / "runs"), "cannot create the runs root", code=1)
     rejected(invoke("logs", "train-0123456789", "--task", "-1"), "--task", "-1 is not in the range")
+    rejected(invoke("run", spec, "--runs-root", ""), "Invalid value for '--runs-root': an empty path")
+
+
+def test_init_from_a_run_of_an_earlier_submission_must_have_finished_and_fit(tmp_path):
+    spec = _write(tmp_path, "ft.yaml", "sweep: s\ndefaults:\n  model: {init_from: 'run:pretrain-0123456789'}\n")
+    runs = tmp_path / "runs"
+    rejected(invoke("submit", spec, "--dry-run", "--runs-root", runs),
+             "defaults.model.init_from: run pretrain-0123456789 has no trained model in")
+    run_dir = SweepDir.at(runs, "s").run("pretrain-0123456789")
+    run_dir.write_config({"model": {"name": "resnet20", "bayesian": True}, "data": {"name": "digits"}})
+    run_dir.model_file.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
+    rejected(invoke("submit", spec, "--dry-run", "--runs-root", runs),
+             "defaults.model.init_from: 'run:pretrain-0123456789' trains a Bayesian net")
+    run_dir.write_config({"model": {"name": "resnet20", "bayesian": False}, "data": {"name": "digits"}})
+    assert invoke("submit", spec, "--dry-run", "--runs-root", runs).exit_code == 0
+
+
+def test_a_bare_weights_file_must_fit_the_model(tmp_path):
+    import torch
+
+    from asbatch.models import build_model
+
+    weights = tmp_path / "w.pt"
+    torch.save(build_model("mlp", 10, in_channels=1, bayesian=False, width=8).state_dict(), weights)
+    spec = _write(tmp_path, "ft.yaml", f"sweep: s\ndefaults:\n  model: {{name: mlp, width: 8, init_from: {weights}}}\n")
+    assert invoke("submit", spec, "--dry-run", "--runs-root", tmp_path / "runs").exit_code == 0
+    torch.save(build_model("mlp", 10, in_channels=1, bayesian=False, width=16).state_dict(), weights)
+    rejected(invoke("submit", spec, "--dry-run", "--runs-root", tmp_path / "runs"),
+             f"model.init_from {str(weights)!r}", "does not fit mlp (width 8, 10 classes, 1 input channels)")
+    assert not (tmp_path / "runs").exists()

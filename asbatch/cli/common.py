@@ -20,9 +20,15 @@ RUNS_ENV = "ASBATCH_RUNS"
 SIGNAL_DELAY_ENV = "ASBATCH_SIGNAL_DELAY_S"  # read by asbatch.launch.slurm when it writes job scripts
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str) -> Path:
+    if not value.strip():  # `--runs-root "$UNSET"` must not mean the current directory
+        raise click.BadParameter("an empty path")
+    return Path(value)
+
+
 def runs_root_option(f):
-    return click.option("--runs-root", type=click.Path(file_okay=False, path_type=Path),
-                        default=lambda: os.environ.get(RUNS_ENV, "runs"),
+    return click.option("--runs-root", type=click.Path(file_okay=False), callback=_not_empty,
+                        default=lambda: os.environ.get(RUNS_ENV) or "runs",
                         show_default="$ASBATCH_RUNS or ./runs", help="where run dirs live")(f)
 
 
