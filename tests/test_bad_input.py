@@ -205,3 +205,13 @@ def test_a_bare_weights_file_must_fit_the_model(tmp_path):
     rejected(invoke("submit", spec, "--dry-run", "--runs-root", tmp_path / "runs"),
              f"model.init_from {str(weights)!r}", "does not fit mlp (width 8, 10 classes, 1 input channels)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_of_a_later_stage_alone_needs_its_upstream_finished(tmp_path):
+    spec = _write(tmp_path, "two.yaml", yaml.safe_dump({
+        "sweep": "two", "defaults": {"cpu": True, "data": {"name": "digits"}, "model": {"name": "mlp"}},
+        "stages": {"pre": {"config": {"model": {"bayesian": False}, "adversarial": {"lam": 0.0}}},
+                   "ft": {"after": "pre", "init_from": "pre"}}}))
+    rejected(invoke("run", spec, "--stage", "ft", "--runs-root", tmp_path / "runs"),
+             "--stage ft: run ft-", "needs run pre-", "run stage 'pre' too")
+    assert not (tmp_path / "runs").exists()

@@ -39,9 +39,10 @@ MAX_ENV_VALUE = 4096   # characters of one environment value
 MAX_TIME_MIN = 365 * 1440  # a year; Slurm's own limits are set per partition
 MAX_MEM_GB = 16 * 1024     # 16 TiB per node
 MIN_MEM_MB = 64            # less cannot hold a Python process
-# the launcher owns these variables in a job: a profile must not set them
-RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
-RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_")
+# the launcher owns these variables in a job, or they change how the job script itself runs: not settable
+RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                          "IFS", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND"})
+RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_", "BASH_FUNC_")
 # extra flags: which need a value, which take none, and the values some of them accept
 _NEEDS_VALUE = frozenset({"mail-type", "mail-user", "reservation", "licenses", "gres", "comment"})
 _BARE = frozenset({"requeue"})
@@ -115,7 +116,8 @@ def _env_name(name: str) -> str:
     if not _ENV_NAME.fullmatch(name):
         raise ValueError("environment variable names are 1-128 letters, digits and '_', not starting with a digit")
     if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
-        raise ValueError("set by Slurm or by asbatch's launcher in every job; a profile cannot set it")
+        raise ValueError("set by Slurm or asbatch's launcher in every job, or changes how the job script runs; a "
+                         "profile cannot set it")
     return name
 
 
