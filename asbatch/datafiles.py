@@ -58,7 +58,11 @@ def check_present(needs: Iterable[tuple[str, str, str | None]], environ: Mapping
         base = resolve_root(root, environ)
         for rel in FACTS[name].files.get(split, ()):
             path = base / rel
-            if not path.is_file():
+            try:
+                present = path.is_file()
+            except OSError:  # a name too long for the file system: not there either
+                present = False
+            if not present:
                 raise DataMissingError(
                     f"{name}: missing {path.absolute()}; data sets are never downloaded during a run, so on a machine "
                     f"with internet run: asbatch data download {name} --root {base.absolute()}")

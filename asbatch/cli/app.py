@@ -7,6 +7,7 @@ failure at run time. `ASBATCH_DEBUG=1` shows the traceback as well.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -41,6 +42,8 @@ _BAD_INPUT = {"BadInput", "SpecError", "RunDirError", "DamagedStateError"}  # by
 
 
 def _is_bad_input(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:  # a name given on the command line
+        return True
     return any(c.__name__ in _BAD_INPUT and c.__module__.startswith("asbatch") for c in type(err).__mro__)
 
 

@@ -63,6 +63,15 @@ def check_init_from(config: RunConfig, where: Where, sweep_runs: Mapping[str, tu
         run_id = ref_run_id(value)
     except ValueError as err:
         raise SpecError(f"{field}: {err}") from None
+    try:
+        _check_init_source(config, field, value, run_id, sweep_runs, upstream_stages, runs_root)
+    except OSError as err:  # a name too long for the file system, a path through a file
+        raise SpecError(f"{field}: cannot look at {show(value)}: {err.strerror or err}") from None
+
+
+def _check_init_source(config: RunConfig, field: str, value: str, run_id: str | None,
+                       sweep_runs: Mapping[str, tuple[str, RunConfig]], upstream_stages: list[str],
+                       runs_root: Path | None) -> None:
     if run_id is not None and run_id in sweep_runs:
         stage, upstream = sweep_runs[run_id]
         if stage not in upstream_stages:

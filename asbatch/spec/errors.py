@@ -36,8 +36,14 @@ def dotted(loc: Sequence[str | int]) -> str:
     for part in loc:
         if part == "[key]":
             continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += f"[{part}]" if isinstance(part, int) else (f".{cut(part)}" if out else cut(part))
     return out
+
+
+def cut(key: Any, limit: int = 60) -> str:
+    """A key as a message names it: cut at `limit` characters (a key can be any length)."""
+    text = str(key)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def show(value: Any) -> str:
@@ -49,6 +55,8 @@ def show(value: Any) -> str:
 def did_you_mean(word: Any, candidates: Sequence[str] | dict) -> str:
     """'; did you mean X?' for a close match, or else for a key the word abbreviates ('gpus' -> 'gpus_per_node')."""
     names = [str(c) for c in candidates]
+    if len(str(word)) > 100:  # no field is that long (and difflib's cost grows with it)
+        return ""
     match = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
     match = match or [n for n in names if str(word) and n.startswith(f"{word}_")]
     return f"; did you mean {match[0]!r}?" if match else ""

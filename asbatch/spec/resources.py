@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from asbatch.names import NAME, NAME_RULE
-from asbatch.spec.errors import SpecError, did_you_mean, model_keys, validate
+from asbatch.spec.errors import SpecError, did_you_mean, model_keys, show, validate
 from asbatch.spec.loading import CONTROL, kind, read_yaml, reject_control_chars
 
 PROFILES_ENV = "ASBATCH_PROFILES"
@@ -316,6 +316,13 @@ def available_profiles() -> list[str]:
     return sorted({p.stem for d in profile_dirs() if d.is_dir() for p in [*d.glob("*.yaml"), *d.glob("*.yml")]})
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, a path through a file: no such profile
+        return False
+
+
 def _is_path(ref: str) -> bool:
     return "/" in ref or ref.endswith((".yaml", ".yml"))
 
@@ -325,14 +332,14 @@ def find_profile(ref: str, base_dir: Path | None = None) -> Path:
     if _is_path(ref):
         path = Path(ref).expanduser()
         path = path if path.is_absolute() or base_dir is None else base_dir / path
-        if not path.is_file():
-            raise SpecError(f"profile: no profile file at {str(path)!r}")
+        if not _is_file(path):
+            raise SpecError(f"profile: no profile file at {show(str(path))}")
         return path
     for folder, suffix in itertools.product(profile_dirs(), (".yaml", ".yml")):
-        if (folder / f"{ref}{suffix}").is_file():
+        if _is_file(folder / f"{ref}{suffix}"):
             return folder / f"{ref}{suffix}"
     names = available_profiles()
-    raise SpecError(f"profile: unknown profile {ref!r}{did_you_mean(ref, names)} (available: "
+    raise SpecError(f"profile: unknown profile {show(ref)}{did_you_mean(ref, names)} (available: "
                     f"{', '.join(names) or 'none'}; searched {', '.join(map(str, profile_dirs()))})")
 
 

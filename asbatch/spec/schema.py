@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator
 
 from asbatch.config import RunConfig
-from asbatch.spec.errors import SpecError, did_you_mean, dotted, format_validation_error, is_model, show, validate
+from asbatch.spec.errors import SpecError, cut, did_you_mean, dotted, format_validation_error, is_model, show, validate
 from asbatch.spec.loading import kind, reject_control_chars
 from asbatch.spec.resources import Profile, Resources, SafeName, Strict, load_profile
 
@@ -154,13 +154,14 @@ def check_config_keys(values: dict, loc: tuple, model: type[BaseModel] = RunConf
 
 def _check_grid(grid: dict[str, list[Any]]) -> None:
     for key in grid:
+        shown = cut(key)
         if key in RESERVED:
-            raise SpecError(f"grid.{key}: set from {RESERVED[key]}; it cannot be a grid key")
+            raise SpecError(f"grid.{shown}: set from {RESERVED[key]}; it cannot be a grid key")
         if key not in CONFIG_PATHS:
-            raise SpecError(f"grid.{key}: not a RunConfig field path{suggest_path(key, CONFIG_PATHS)}")
+            raise SpecError(f"grid.{shown}: not a RunConfig field path{suggest_path(key, CONFIG_PATHS)}")
         overlap = next((other for other in grid if key.startswith(f"{other}.")), None)
         if overlap:
-            raise SpecError(f"grid.{key}: overlaps grid.{overlap}; vary one or the other")
+            raise SpecError(f"grid.{shown}: overlaps grid.{overlap}; vary one or the other")
 
 
 def _check_stage(name: str, stage: StageSpec, stages: dict[str, StageSpec], grid: dict) -> None:
