@@ -176,6 +176,7 @@ def test_other_bad_arguments_and_environment(tmp_path):
     rejected(invoke("run", spec, "--runs-root", tmp_path / "file" / "runs"), "cannot create the runs root", code=1)
     rejected(invoke("logs", "train-0123456789", "--task", "-1"), "--task", "-1 is not in the range")
     rejected(invoke("run", spec, "--runs-root", ""), "Invalid value for '--runs-root': an empty path")
+    rejected(invoke("status", "z" * 300), "File name too long")
 
 
 def test_init_from_a_run_of_an_earlier_submission_must_have_finished_and_fit(tmp_path):
