@@ -8,22 +8,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from asbatch.names import DATASETS, MODELS, OOD_DATASETS, check_name
+from asbatch.names import DATASETS, MAX_SEED, MODELS, OOD_DATASETS, check_name
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # numbers are finite
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `lr: true` as 1.0 and `epochs: true` as 1; a bool in a number field is a mistake
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and {int, float} & {annotation, *get_args(annotation)}:
+            raise ValueError("expected a number, not true / false")
+        return value
 
 
 class DataConfig(Section):
     name: Literal[DATASETS] = "digits"
-    root: str | None = Field(None, description="data root; default $ASBATCH_DATA or ./data")
-    batch_size: int = Field(128, gt=0, description="global batch size (split across processes)")
-    test_batch_size: int = Field(1000, gt=0)
+    root: str | None = Field(None, min_length=1, max_length=4096,
+                             description="data root; default $ASBATCH_DATA or ./data")
+    batch_size: int = Field(128, gt=0, le=1_000_000, description="global batch size (split across processes)")
+    test_batch_size: int = Field(1000, gt=0, le=1_000_000)
     augment: bool | None = Field(
         None, description="random crop (padding H/8) + horizontal flip; default: on for CIFAR only (flips and "
                           "shifts hurt digit data)")
@@ -34,59 +44,62 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: Literal[MODELS] = "resnet20"
     bayesian: bool = True
-    width: int | None = Field(None, gt=0, description="channel width of the first stage (smaller = faster)")
-    init_sigma: float = Field(0.15, gt=0)
-    prior_sigma: float = Field(0.15, gt=0)
+    width: int | None = Field(None, gt=0, le=4096,
+                              description="channel width of the first stage (smaller = faster)")
+    init_sigma: float = Field(0.15, gt=0, le=10)
+    prior_sigma: float = Field(0.15, gt=0, le=10)
     init_from: str | None = Field(
-        None, description="Bayesian fine-tune: a deterministic run dir or checkpoint file to initialise mu from")
+        None, min_length=1, max_length=4096,
+        description="Bayesian fine-tune: a deterministic run dir or checkpoint file to initialise mu from")
 
 
 class OptimConfig(Section):
     name: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0)
+    lr: float = Field(1e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, le=1)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm to this value")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the global grad norm to this value")
 
 
 class ScheduleConfig(Section):
     name: Literal["multistep", "cosine", "constant"] = "multistep"
-    epochs: int = Field(200, gt=0)
-    milestones: tuple[int, ...] = Field((80, 140, 180), description="multistep: epochs where lr *= gamma")
-    gamma: float = Field(0.1, gt=0)
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup from 0, in (fractional) epochs")
+    epochs: int = Field(200, gt=0, le=100_000)
+    milestones: tuple[Annotated[int, Field(ge=1, le=100_000)], ...] = Field(
+        (80, 140, 180), description="multistep: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0, le=100_000, description="linear warmup from 0, in (fractional) epochs")
 
 
 class AdversarialConfig(Section):
     lam: float = Field(0.8, ge=0, le=1, description="weight of L_adv; 0 = plain Bayes-by-backprop")
-    steps: int = Field(5, ge=0, description="N, sign-ascent steps on eps")
-    alpha: float = Field(0.02, ge=0, description="step size on eps")
-    kl_weight: float | None = Field(None, ge=0, description="beta; default 1 / (100 * N_train) as the paper")
+    steps: int = Field(5, ge=0, le=1000, description="N, sign-ascent steps on eps")
+    alpha: float = Field(0.02, ge=0, le=10, description="step size on eps")
+    kl_weight: float | None = Field(None, ge=0, le=1, description="beta; default 1 / (100 * N_train) as the paper")
 
 
 class EvalConfig(Section):
-    num_samples: int = Field(10, gt=0, description="S weight samples in the final evaluation")
-    seed: int = 0
+    num_samples: int = Field(10, gt=0, le=10_000, description="S weight samples in the final evaluation")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     score: Literal["entropy", "mutual_information", "max_prob"] = "entropy"
     ood: Literal[OOD_DATASETS] | None = None
 
 
 class TrackingConfig(Section):
     wandb: Literal["auto", "online", "offline", "disabled"] = "disabled"
-    project: str = "asbatch"
-    entity: str | None = None
-    tags: tuple[str, ...] = ()
+    project: str = Field("asbatch", min_length=1, max_length=128)
+    entity: str | None = Field(None, min_length=1, max_length=128)
+    tags: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
 
 
 class RunConfig(Section):
     sweep: str = "default"
     stage: str = "train"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["no", "fp16", "bf16"] = "no"
     cpu: bool = Field(False, description="force CPU even where a GPU exists")
-    checkpoint_every: int = Field(200, gt=0, description="also checkpoint every K optimizer steps")
-    keep_checkpoints: int = Field(2, gt=0)
+    checkpoint_every: int = Field(200, gt=0, le=10**9, description="also checkpoint every K optimizer steps")
+    keep_checkpoints: int = Field(2, gt=0, le=1000)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from asbatch.config import DataConfig
+from asbatch.datafiles import CIFAR10_DIR, CIFAR100_DIR, SVHN_DIR
+from asbatch.datafiles import resolve_root as _resolve_root
 from asbatch.names import AUGMENTED_BY_DEFAULT, DATASETS, derived_seed
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -37,9 +39,7 @@ _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 _SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
 
-_CIFAR10_DIR = "cifar-10-batches-py"
-_CIFAR100_DIR = "cifar-100-python"
-_SVHN_DIR = "svhn"
+_CIFAR10_DIR, _CIFAR100_DIR, _SVHN_DIR = CIFAR10_DIR, CIFAR100_DIR, SVHN_DIR  # the layout lives in datafiles
 _DIGITS_TEST = 360
 
 
@@ -93,9 +93,7 @@ class Dataset:
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
     """The data root: `root` if given, else $ASBATCH_DATA if set and non-empty, else ./data."""
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get("ASBATCH_DATA") or "data")
+    return _resolve_root(root)
 
 
 def _require(path: Path, name: str, root: Path) -> Path:

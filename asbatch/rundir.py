@@ -133,7 +133,14 @@ class RunDir:
         """The per-epoch rows of metrics.jsonl ([] before the first epoch ends)."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.metrics_file.read_text(errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RunDirError(f"{self.metrics_file}: line {number} is not JSON ({err.msg})") from None
+        return rows
 
     def read_wandb_state(self) -> dict[str, Any] | None:
         return read_json(self.wandb_state_file) if self.wandb_state_file.is_file() else None
@@ -219,8 +226,11 @@ class SweepDir:
         """Run ids the manifest records as submitted, in first-submission order ([] without a manifest)."""
         if not self.manifest_file.is_file():
             return []
-        submissions = read_json(self.manifest_file).get("submissions", [])
-        return list(dict.fromkeys(s["run_id"] for s in submissions))
+        data = read_json(self.manifest_file)
+        submissions = data.get("submissions") if isinstance(data, dict) else None
+        if not isinstance(submissions, list) or not all(isinstance(s, dict) and "run_id" in s for s in submissions):
+            raise RunDirError(f"{self.manifest_file}: damaged manifest: no list of submissions with run ids")
+        return list(dict.fromkeys(str(s["run_id"]) for s in submissions))
 
     def run(self, run_id: str) -> RunDir:
         return RunDir(self.path / run_id)

@@ -71,7 +71,8 @@ def test_bf16_autocast_run_on_cpu_finishes_with_finite_results(tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    cfg = digits_config(optim={"name": "sgd", "lr": 1e12}, schedule={"name": "constant", "epochs": 3},
+    # lr 10 with undamped momentum diverges within a few steps (1e12 is refused as absurd by RunConfig)
+    cfg = digits_config(optim={"name": "sgd", "lr": 10, "momentum": 1.0}, schedule={"name": "constant", "epochs": 3},
                         checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match=r"at global step \d+"):
         train(cfg, tmp_path / "nan")

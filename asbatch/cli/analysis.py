@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from asbatch.cli.app import main
-from asbatch.cli.common import any_sweep_dir, runs_root_option
+from asbatch.cli.common import any_sweep_dir, fail, runs_root_option
 
 
 @main.command("table")
@@ -71,13 +71,23 @@ def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
 def sync_command(sweep: str, runs_root: Path) -> None:
     """Upload a sweep's offline W&B runs (from a login node with internet); each run's segments are synced
     in order into its one W&B id, and what was synced is recorded in each run dir."""
+    import subprocess
+
     from asbatch.rundir import SweepDir, offline_segments
     from asbatch.tracking import sync_run
+    from asbatch.tracking.wandb_run import has_api_key
 
     total = 0
-    for run_dir in SweepDir(any_sweep_dir(runs_root, sweep)).runs():
-        if offline_segments(run_dir):
+    todo = [run_dir for run_dir in SweepDir(any_sweep_dir(runs_root, sweep)).runs() if offline_segments(run_dir)]
+    if todo and not has_api_key():
+        fail(f"no W&B API key (set WANDB_API_KEY or run `wandb login`); {len(todo)} run(s) with offline segments "
+             "were not synced", 1)
+    for run_dir in todo:
+        try:
             done = sync_run(run_dir)
-            total += len(done)
-            click.echo(f"{run_dir.run_id}: synced {len(done)} segment(s)")
+        except (subprocess.CalledProcessError, OSError) as err:
+            fail(f"wandb sync failed for {run_dir.path} ({err}); what was synced before is recorded in "
+                 f"{run_dir.wandb_state_file}, run `asbatch sync {sweep}` again", 1)
+        total += len(done)
+        click.echo(f"{run_dir.run_id}: synced {len(done)} segment(s)")
     click.echo(f"{total} offline segment(s) synced")

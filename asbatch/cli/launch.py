@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from asbatch.cli.app import main
+from asbatch.cli.common import (
+    check_data_or_exit,
+    checked_runs_root,
+    fail,
+    load_sweep_or_exit,
+    make_runs_root,
+    runs_root_option,
+    submitted_sweep_dir,
+)
 from asbatch.cli.common import console as make_console
-from asbatch.cli.common import fail, load_sweep_or_exit, runs_root_option, submitted_sweep_dir
 from asbatch.names import EXECUTORS
 
 
@@ -27,12 +34,17 @@ def submit_command(spec_path: Path, executor: str, dry_run: bool, stages: tuple[
     Finished runs and runs already queued or running are skipped, so submitting a spec
     again submits only what is missing. Returns at once; follow with `asbatch status SWEEP`.
     """
-    from asbatch.launch import LaunchError, submit
+    sweep, selected = load_sweep_or_exit(spec_path, stages, runs_root)
+    check_data_or_exit(sweep, selected, dry_run=dry_run)
+    from asbatch.launch import DamagedStateError, LaunchError, submit
 
-    sweep, _ = load_sweep_or_exit(spec_path, stages)
+    if not dry_run:
+        make_runs_root(runs_root)
     try:
         manifest = submit(sweep, runs_root, executor=executor, stages=stages or None, dry_run=dry_run,
                           spec_path=spec_path)
+    except DamagedStateError as err:
+        fail(err, 2)
     except LaunchError as err:
         fail(err)
     console = make_console()
@@ -103,8 +115,8 @@ def status_command(sweep: str | None, runs_root: Path) -> None:
     """
     from rich.table import Table
 
-    from asbatch.launch import LaunchError, sweep_status
-    from asbatch.rundir import list_sweeps
+    from asbatch.launch import DamagedStateError, LaunchError, sweep_status
+    from asbatch.rundir import RunDirError, list_sweeps
 
     console = make_console()
     try:
@@ -112,13 +124,23 @@ def status_command(sweep: str | None, runs_root: Path) -> None:
             table = Table(title=f"sweeps under {runs_root}")
             for col in ("sweep", "runs", "states"):
                 table.add_column(col)
+            damaged = []
             for sweep_dir in (d for d in list_sweeps(runs_root) if d.is_submitted()):
-                st = sweep_status(sweep_dir)
+                try:  # one damaged sweep must not hide the healthy ones
+                    st = sweep_status(sweep_dir)
+                except (DamagedStateError, RunDirError) as err:
+                    damaged.append(str(err))
+                    table.add_row(sweep_dir.name, "?", "damaged (see below)")
+                    continue
                 counts = ", ".join(f"{n} {s}" for s, n in sorted(st.counts().items()))
                 table.add_row(st.sweep, str(len(st.runs)), counts)
             console.print(table)
+            for message in damaged:
+                click.echo(f"warning: {' '.join(message.split())}", err=True)
             return
         st = sweep_status(submitted_sweep_dir(runs_root, sweep))
+    except (DamagedStateError, RunDirError) as err:
+        fail(err, 2)
     except LaunchError as err:
         fail(err)
     table = Table(title=f"sweep {st.sweep} ({st.sweep_dir})")
@@ -140,30 +162,35 @@ def status_command(sweep: str | None, runs_root: Path) -> None:
 @click.argument("run_id")
 @click.option("--sweep", help="the run's sweep (default: search every sweep under the runs root)")
 @click.option("--err", "stderr", is_flag=True, help="print stderr instead of stdout")
-@click.option("--task", default=0, show_default=True, help="task (rank) of a multi-task job")
+@click.option("--task", type=click.IntRange(0, 100_000), default=0, show_default=True,
+              help="task (rank) of a multi-task job")
 @runs_root_option
 def logs_command(run_id: str, sweep: str | None, stderr: bool, task: int, runs_root: Path) -> None:
     """Print the stdout (or stderr) of RUN_ID's latest job."""
-    from asbatch.launch import Manifest
+    from asbatch.launch import DamagedStateError, Manifest
     from asbatch.rundir import SweepDir, list_sweeps
 
     sweep_dirs = [SweepDir(submitted_sweep_dir(runs_root, sweep))] if sweep else [
         d for d in list_sweeps(runs_root) if d.is_submitted()]
-    found = [(d, rec) for d in sweep_dirs if (rec := Manifest.load(d).latest().get(run_id))]
+    found, damaged = [], []
+    for sweep_dir in sweep_dirs:
+        try:
+            record = Manifest.load(sweep_dir).latest().get(run_id)
+        except DamagedStateError as err:
+            damaged.append(err)
+            continue
+        if record:
+            found.append((sweep_dir, record))
     if not found:
-        click.echo(f"error: run {run_id!r} was not submitted from {runs_root}"
-                   f"{' in sweep ' + sweep if sweep else ''}", err=True)
-        sys.exit(2)
+        fail(damaged[0] if damaged else f"run {run_id!r} was not submitted from {runs_root}"
+             f"{' in sweep ' + sweep if sweep else ''}", 2)
     if len(found) > 1:
-        click.echo(f"error: run {run_id!r} is in several sweeps ({', '.join(d.name for d, _ in found)}); "
-                   "name one with --sweep", err=True)
-        sys.exit(2)
+        fail(f"run {run_id!r} is in several sweeps ({', '.join(d.name for d, _ in found)}); name one with --sweep", 2)
     sweep_dir, record = found[0]
     out, err = sweep_dir.job_logs(record.job_id, task)
     path = err if stderr else out
     if not path.exists():
-        click.echo(f"no log yet at {path} (job {record.job_id} has not started?)", err=True)
-        sys.exit(1)
+        fail(f"no log yet at {path} (job {record.job_id} has not started?)", 1)
     click.echo(f"==> {path} <==", err=True)
     click.echo(path.read_text(errors="replace"), nl=False)
 
@@ -173,10 +200,12 @@ def logs_command(run_id: str, sweep: str | None, stderr: bool, task: int, runs_r
 @runs_root_option
 def cancel_command(sweep: str, runs_root: Path) -> None:
     """Cancel SWEEP's queued and running jobs (runs keep their checkpoints; `retry` resumes them)."""
-    from asbatch.launch import LaunchError, cancel
+    from asbatch.launch import DamagedStateError, LaunchError, cancel
 
     try:
         cancelled = cancel(submitted_sweep_dir(runs_root, sweep))
+    except DamagedStateError as err:
+        fail(err, 2)
     except LaunchError as err:
         fail(err)
     click.echo(f"cancelled {', '.join(cancelled)}" if cancelled else "nothing to cancel: no queued or running jobs")
@@ -190,10 +219,12 @@ def cancel_command(sweep: str, runs_root: Path) -> None:
 def retry_command(sweep: str, executor: str | None, runs_root: Path) -> None:
     """Resubmit SWEEP's failed, cancelled, timed-out, node-failed and out-of-memory runs (and runs stuck
     behind a failed upstream), one array per stage again; they resume from their checkpoints."""
-    from asbatch.launch import LaunchError, retry
+    from asbatch.launch import DamagedStateError, LaunchError, retry
 
     try:
-        manifest = retry(submitted_sweep_dir(runs_root, sweep), executor=executor)
+        manifest = retry(submitted_sweep_dir(checked_runs_root(runs_root), sweep), executor=executor)
+    except DamagedStateError as err:
+        fail(err, 2)
     except LaunchError as err:
         fail(err)
     subs = [s for s in manifest.submitted if s.run_ids]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from asbatch.cli.app import main
-from asbatch.cli.common import load_sweep_or_exit, runs_root_option
+from asbatch.cli.app import error_line, main
+from asbatch.cli.common import check_data_or_exit, load_sweep_or_exit, make_runs_root, runs_root_option
 
 
 @main.command("run")
@@ -21,12 +21,15 @@ def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> No
     Finished runs are skipped, interrupted ones resume. Under torchrun / srun every process runs this
     command and the runs train with DDP.
     """
+    sweep, selected = load_sweep_or_exit(spec_path, stages, runs_root)  # before torch is imported
+    _check_upstream_finished(spec_path, sweep, selected, runs_root)
+    check_data_or_exit(sweep, selected)
+    make_runs_root(runs_root)
     from rich.console import Console
 
     from asbatch.analysis import run_table
     from asbatch.train import train
 
-    sweep, selected = load_sweep_or_exit(spec_path, stages)
     results = []
     for stage in selected:
         for run in stage.runs:
@@ -35,3 +38,17 @@ def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> No
         bayesian = [r for r in results if r["config"]["model"]["bayesian"]]
         Console(width=max(Console().width, 130)).print(
             run_table(bayesian, title=f"{sweep.name}: Bayesian runs (accuracy in %)"))
+
+
+def _check_upstream_finished(spec_path: Path, sweep, selected, runs_root: Path) -> None:
+    """With --stage, a run's upstream runs in stages not selected must have finished already (this process
+    trains the selected stages only)."""
+    from asbatch.rundir import SweepDir
+
+    names = {stage.name for stage in selected}
+    for stage in selected:
+        for run in stage.runs:
+            for up_stage, up_id in run.upstream.items():
+                if up_stage not in names and not SweepDir.at(runs_root, sweep.name).run(up_id).is_finished():
+                    error_line(f"{spec_path}: --stage {stage.name}: run {run.run_id} needs run {up_id} of stage "
+                               f"{up_stage!r}, which has not finished under {runs_root}; run stage {up_stage!r} too", 2)

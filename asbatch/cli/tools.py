@@ -22,9 +22,16 @@ def data_group() -> None:
               help="data root (default $ASBATCH_DATA or ./data)")
 def data_download_command(name: str, root: str | None) -> None:
     """Download a data set in torchvision's format into the data root."""
+    from asbatch.cli.app import error_line
     from asbatch.data import download
+    from asbatch.datafiles import resolve_root
 
-    click.echo(f"{name} is in {download(name, root)}")
+    try:
+        click.echo(f"{name} is in {download(name, root)}")
+    except Exception as err:  # noqa: BLE001 - no network, a proxy, a full disk, a corrupt archive: one line
+        reason = " ".join(str(getattr(err, "reason", None) or err).split())
+        error_line(f"cannot download {name} into {resolve_root(root)}: {type(err).__name__}: {reason} (download "
+                   "where there is internet, or copy the files into the data root)", 1)
 
 
 @main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

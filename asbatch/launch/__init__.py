@@ -8,7 +8,7 @@
 - `task`: on the compute node: the submitted callables, signals, distributed env, requeue.
 """
 
-from asbatch.launch.errors import LaunchError
+from asbatch.launch.errors import DamagedStateError, LaunchError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord
 from asbatch.launch.status import RunStatus, SweepStatus, sweep_status
 from asbatch.launch.submit import StageSubmission, cancel, resolve_executor, retry, submit
@@ -17,6 +17,7 @@ from asbatch.launch.task import MAX_REQUEUES, SequentialTask, TrainTask, export_
 __all__ = [
            "MAX_REQUEUES",
            "ArrayRecord",
+           "DamagedStateError",
            "LaunchError",
            "Manifest",
            "RunStatus",

@@ -7,21 +7,25 @@ never the memory of the process that submitted. It is written atomically under t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from asbatch.fsutil import atomic_write_json
-from asbatch.launch.errors import LaunchError
+from asbatch.launch.errors import DamagedStateError, LaunchError
+from asbatch.names import RUN_ID
 from asbatch.rundir import RunDirError, SweepDir, read_json
 
 if TYPE_CHECKING:
     from asbatch.launch.submit import StageSubmission
 
 JOB_ID = r"^(\d+(_\d+)?|DEBUG_\d+)$"  # a Slurm job / array task, a local executor's pid, a debug job
+_JOB_ID_OF = {"slurm": re.compile(r"\d{1,18}(_\d{1,9})?"), "local": re.compile(r"\d{1,9}"),
+              "debug": re.compile(r"DEBUG_\d+")}  # what each executor's job ids look like
 
 
 def now() -> str:
@@ -32,12 +36,19 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _job_ids_match_executor(executor: str, *job_ids: str) -> None:
+    pattern = _JOB_ID_OF[executor]
+    for job_id in job_ids:
+        if not pattern.fullmatch(job_id):
+            raise ValueError(f"job id {job_id!r} is not a {executor} job id")
+
+
 class SubmissionRecord(_Record):
     """One run as submitted: which job trains it, from which config, into which run dir."""
 
-    run_id: str
+    run_id: str = Field(pattern=RUN_ID.pattern)
     stage: str
-    executor: str
+    executor: Literal["slurm", "local", "debug"]
     job_id: str = Field(pattern=JOB_ID)        # `<array>_<task>`, a plain job id, or a local pid
     array_job_id: str = Field(pattern=JOB_ID)
     config: dict[str, Any]
@@ -47,17 +58,29 @@ class SubmissionRecord(_Record):
     submitted_at: str
     dependency: str | None = None  # this task's own `afterok:` on its upstream runs' tasks ('' none; None: unknown)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> SubmissionRecord:
+        _job_ids_match_executor(self.executor, self.job_id, self.array_job_id)
+        if not isinstance((self.config.get("schedule") or {}).get("epochs"), int):
+            raise ValueError("config.schedule.epochs is missing")
+        return self
+
 
 class ArrayRecord(_Record):
     """One submitted job array (a stage, or the local executor's one job)."""
 
     stage: str
-    executor: str
+    executor: Literal["slurm", "local", "debug"]
     array_job_id: str = Field(pattern=JOB_ID)
-    dependency: str | None = None
+    dependency: str | None = Field(None, pattern=r"^afterok(:\d+(_\d+)?)+$")
     run_ids: list[str]
     submitted_at: str
     log_dir: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArrayRecord:
+        _job_ids_match_executor(self.executor, self.array_job_id)
+        return self
 
 
 class _ManifestFile(_Record):
@@ -93,11 +116,11 @@ class Manifest:
         try:
             data = _ManifestFile.model_validate(read_json(path))
         except RunDirError as err:
-            raise LaunchError(str(err)) from None
+            raise DamagedStateError(str(err)) from None
         except ValidationError as err:
             first = err.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise LaunchError(f"{path}: damaged manifest: {where}: {first['msg']}") from None
+            raise DamagedStateError(f"{path}: damaged manifest: {where}: {first['msg']}") from None
         return cls(sweep_dir=sweep_dir, sweep=data.sweep, spec=data.spec, arrays=data.arrays,
                    submissions=data.submissions)
 

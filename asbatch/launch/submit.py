@@ -40,7 +40,8 @@ from asbatch.launch.status import RunStatus, run_statuses, sweep_status
 from asbatch.launch.task import SequentialTask, TrainTask
 from asbatch.names import EXECUTORS
 from asbatch.rundir import SweepDir
-from asbatch.spec import Sweep, SweepRun, SweepStage
+from asbatch.spec import SpecError, Sweep, SweepRun, SweepStage
+from asbatch.spec.loading import CONTROL
 
 
 @dataclass
@@ -199,6 +200,7 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     kind = resolve_executor(executor)
     selected = sweep.select_stages(stages)
     sweep_dir = SweepDir.at(Path(runs_root).resolve(), sweep.name)
+    _check_script_strings(sweep, sweep_dir)
     spec = str(Path(spec_path).resolve()) if spec_path else None
     if dry_run:
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
@@ -206,6 +208,17 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     with sweep_dir.lock():
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
         return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
+
+
+def _check_script_strings(sweep: Sweep, sweep_dir: SweepDir) -> None:
+    """sbatch reads `#SBATCH` lines one by one, so a newline in anything written into a job script (the log
+    paths under the runs root, the job name, env values) would inject a flag; `%` in a path is a Slurm
+    filename pattern. The spec checked its own strings; this is the door for the rest, before anything is written."""
+    texts = {"runs root": str(sweep_dir.path), "sweep name": sweep.name,
+             **{f"env {name}": value for name, value in sweep.env.items()}}
+    for what, text in texts.items():
+        if CONTROL.search(text) or (what == "runs root" and "%" in text):
+            raise SpecError(f"{what}: control characters (or '%' in a path) cannot go into a job script (got {text!r})")
 
 
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],

@@ -36,8 +36,14 @@ def dotted(loc: Sequence[str | int]) -> str:
     for part in loc:
         if part == "[key]":
             continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += f"[{part}]" if isinstance(part, int) else (f".{cut(part)}" if out else cut(part))
     return out
+
+
+def cut(key: Any, limit: int = 60) -> str:
+    """A key as a message names it: cut at `limit` characters (a key can be any length)."""
+    text = str(key)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def show(value: Any) -> str:
@@ -49,20 +55,22 @@ def show(value: Any) -> str:
 def did_you_mean(word: Any, candidates: Sequence[str] | dict) -> str:
     """'; did you mean X?' for a close match, or else for a key the word abbreviates ('gpus' -> 'gpus_per_node')."""
     names = [str(c) for c in candidates]
+    if len(str(word)) > 100:  # no field is that long (and difflib's cost grows with it)
+        return ""
     match = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
     match = match or [n for n in names if str(word) and n.startswith(f"{word}_")]
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None,
-                            where: Callable[[Loc], str] = dotted) -> str:
+                            where: Callable[[Loc], str] = dotted, quote: bool = True) -> str:
     """One line for pydantic's first error: '<dotted field>: <problem> (got <value>)'.
 
     `where` maps pydantic's location to the field's place in the spec; `model` (the validated class) lets an
     unknown key get a "did you mean" from the valid keys of its level.
     """
     errors = err.errors(include_url=False)
-    first = errors[0]
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains a missing key
     loc, kind, value = tuple(first["loc"]), first["type"], first.get("input")
     if kind == "extra_forbidden":
         problem = "unknown key" + did_you_mean(loc[-1], keys_at(model, loc[:-1]))
@@ -73,18 +81,21 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] | None 
         problem = f"{value!r} is not one of: {', '.join(allowed)}{did_you_mean(value, allowed)}"
     else:
         problem = first["msg"].removeprefix("Value error, ")
-        problem += f" (got {show(value)})" if loc else ""  # a whole-model error's input is everything
+        key, sep, rest = problem.partition(": ")
+        if kind == "value_error" and sep and isinstance(value, dict) and key in value:
+            loc, value, problem = (*loc, key), value[key], rest  # a mapping's validator named the bad entry
+        problem += f" (got {show(value)})" if loc and quote else ""  # a whole-model error's input is everything
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     path = where(loc)
     return f"{path}: {problem}{more}" if path else problem + more
 
 
-def validate(model: type[M], data: Any, where: Callable[[Loc], str] = dotted) -> M:
+def validate(model: type[M], data: Any, where: Callable[[Loc], str] = dotted, quote: bool = True) -> M:
     """`model.model_validate(data)`, a ValidationError turned into a one-line SpecError."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise SpecError(format_validation_error(err, model, where)) from None
+        raise SpecError(format_validation_error(err, model, where, quote)) from None
 
 
 def _unwrap(tp: Any) -> Any:

@@ -10,8 +10,9 @@ stage is the one expanded from the same grid point; `init_from: <stage>` sets `m
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from pydantic import ValidationError
 
 from asbatch.config import RunConfig
 from asbatch.rundir import run_ref
-from asbatch.spec.errors import SpecError, dotted, format_validation_error, in_file
-from asbatch.spec.loading import read_yaml
+from asbatch.spec.checks import check_init_from, check_run
+from asbatch.spec.errors import SpecError, dotted, format_validation_error, in_file, show
+from asbatch.spec.loading import kind, read_yaml
 from asbatch.spec.resources import Resources
-from asbatch.spec.schema import DEFAULT_STAGE, Spec, kept_keys, parse_spec
+from asbatch.spec.schema import CONFIG_PATHS, DEFAULT_STAGE, SPEC_KEYS, Spec, kept_keys, parse_spec, suggest_path
 
 Point = dict[str, int]  # grid key -> index into its value list
 
@@ -73,35 +75,80 @@ class Sweep:
         return [s for s in self.stages if not names or s.name in names]
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read, validate and cross-check a spec file; every problem is a SpecError prefixed with the path."""
+def load_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Spec:
+    """Read, validate and cross-check a spec file (or a one-run config file, see `load_sweep`); every problem
+    is a SpecError prefixed with the path."""
     path = Path(path)
     with in_file(path):
-        return parse_spec(read_yaml(path), base_dir=path.parent, source=path)
+        data, defaults_at = as_spec(apply_overrides(read_yaml(path), overrides or {}))
+        return parse_spec(data, base_dir=path.parent, source=path, defaults_at=defaults_at)
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None,
+               runs_root: str | Path | None = None) -> Sweep:
     """Expand a spec file; a file holding one run's config (RunConfig fields at the top level, no
-    defaults / grid / stages / profile) is taken as a spec of that single run."""
+    defaults / grid / stages / profile) is taken as a spec of that single run, and its messages name the
+    fields as written (`optim.lr`, not `defaults.optim.lr`).
+
+    `overrides` ({dotted path in the file: value}, e.g. {"defaults.optim.lr": 0.1}) are applied to the file's
+    data before anything is validated, so they get the same checks and messages. With `runs_root`, a
+    `model.init_from: run:<id>` of an earlier submission must have finished there."""
     path = Path(path)
-    with in_file(path):
-        data = read_yaml(path)
-        if isinstance(data, dict) and not data.keys() & {"defaults", "grid", "stages", "profile"}:
-            config = dict(data)
-            sweep, stage = config.pop("sweep", "default"), config.pop("stage", DEFAULT_STAGE)
-            data = {"sweep": sweep, "defaults": config, "stages": {stage: {}}}
-        return expand(parse_spec(data, base_dir=path.parent, source=path))
+    spec = load_spec(path, overrides)
+    return expand(spec, runs_root=Path(runs_root) if runs_root is not None else None)
 
 
-def expand(spec: Spec) -> Sweep:
-    """All runs of every stage; a run that fails RunConfig validation is a SpecError naming its spec field."""
+def apply_overrides(data: Any, overrides: Mapping[str, Any]) -> Any:
+    """`data` with each dotted path set to its value (mappings on the way are created, and copied rather than
+    changed: YAML aliases may share them). `grid.<key>` takes the rest of the path as one grid key."""
+    for dotted_path, value in overrides.items():
+        parts = str(dotted_path).split(".")
+        if parts[0] == "grid" and len(parts) > 2:
+            parts = ["grid", ".".join(parts[1:])]
+        if not all(parts):
+            raise SpecError(f"{dotted_path}: not a dotted field path")
+        data = _set(data, parts, value, dotted_path, ())
+    return data
+
+
+def _set(node: Any, parts: list[str], value: Any, full: str, done: tuple[str, ...]) -> Any:
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        raise SpecError(f"{full}: {'.'.join(done) or 'the top level'} is {kind(node)}, not a mapping")
+    node = dict(node)
+    child = node.get(parts[0])
+    node[parts[0]] = value if len(parts) == 1 else _set(child, parts[1:], value, full, (*done, parts[0]))
+    return node
+
+
+def as_spec(data: Any) -> tuple[Any, tuple[str, ...]]:
+    """(spec data, where its defaults sit in the file): a one-run config file becomes a one-stage spec."""
+    if not isinstance(data, dict) or data.keys() & {"defaults", "grid", "stages", "profile"}:
+        return data, ("defaults",)
+    config = dict(data)
+    sweep, stage = config.pop("sweep", "default"), config.pop("stage", DEFAULT_STAGE)
+    if not isinstance(stage, str):
+        hint = "; did you mean 'stages'?" if isinstance(stage, dict) else ""
+        raise SpecError(f"stage: expected the name of the run's stage (got {show(stage)}){hint}")
+    for key in config:
+        if key not in CONFIG_PATHS:  # a spec key with a typo ('grids') or a RunConfig field with one
+            raise SpecError(f"{key}: unknown key{suggest_path(key, [*SPEC_KEYS, *RunConfig.model_fields])}")
+    return {"sweep": sweep, "defaults": config, "stages": {stage: {}}}, ()
+
+
+def expand(spec: Spec, runs_root: Path | None = None) -> Sweep:
+    """All runs of every stage, cross-checked (see `asbatch.spec.checks`); a run that fails RunConfig
+    validation is a SpecError naming its spec field."""
     with in_file(spec.source) if spec.source else contextlib.nullcontext():
         matches: dict[str, dict[tuple, str]] = {}  # stage -> grid point (its kept keys) -> run id
-        stages = [_expand_stage(spec, name, matches) for name in spec.stages]
+        runs: dict[str, tuple[str, RunConfig]] = {}  # run id -> (stage, config), for init_from checks
+        stages = [_expand_stage(spec, name, matches, runs, runs_root) for name in spec.stages]
     return Sweep(name=spec.sweep, stages=stages, env=dict(spec.profile.env) if spec.profile else {})
 
 
-def _expand_stage(spec: Spec, name: str, matches: dict[str, dict[tuple, str]]) -> SweepStage:
+def _expand_stage(spec: Spec, name: str, matches: dict[str, dict[tuple, str]],
+                  runs_so_far: dict[str, tuple[str, RunConfig]], runs_root: Path | None) -> SweepStage:
     stage = spec.stages[name]
     keys = kept_keys(spec.grid, stage)
     runs, seen, matches[name] = [], {}, {}
@@ -114,7 +161,12 @@ def _expand_stage(spec: Spec, name: str, matches: dict[str, dict[tuple, str]]) -
             raise SpecError(_duplicate_message(spec, name, seen[run_id], point, run_id))
         seen[run_id] = point
         matches[name][_point_key(point, keys)] = run_id
+        where = functools.partial(_origin, spec, name, point)
+        resources = spec.resources[name]
+        check_run(config, where, processes=resources.nodes * max(1, resources.gpus_per_node))
+        check_init_from(config, where, runs_so_far, stage.after, runs_root)
         runs.append(SweepRun(config, run_id, upstream, {k: spec.grid[k][i] for k, i in point.items()}))
+    runs_so_far.update({run.run_id: (name, run.config) for run in runs})
     return SweepStage(name, spec.resources[name], list(stage.after), runs, stage.init_from)
 
 
@@ -190,7 +242,7 @@ def _origin(spec: Spec, name: str, point: Point, loc: tuple) -> str:
         parts = tuple(key.split("."))
         if loc[:len(parts)] == parts:
             return dotted(("grid", key, index, *loc[len(parts):]))
-    return dotted(("defaults", *loc)) if _sets(spec.defaults, loc) else dotted(loc)
+    return dotted((*spec.defaults_at, *loc)) if _sets(spec.defaults, loc) else dotted(loc)
 
 
 def _describe(spec: Spec, point: Point) -> str:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from asbatch.names import NAME, NAME_RULE
-from asbatch.spec.errors import SpecError, did_you_mean, validate
+from asbatch.spec.errors import SpecError, did_you_mean, model_keys, show, validate
 from asbatch.spec.loading import CONTROL, kind, read_yaml, reject_control_chars
 
 PROFILES_ENV = "ASBATCH_PROFILES"
@@ -31,20 +31,40 @@ _FLAG_FIELDS = {"partition": "partition", "account": "account", "qos": "qos", "n
                 "mem": "mem_gb", "time": "time", "constraint": "constraint", "array": "array_parallelism"}
 _SLURM_TOKEN = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*-]+")
 _EXTRA_VALUE = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*@%+=/-]*")  # '' = a bare flag such as --exclusive
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,40}")
 _TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+):([0-5][0-9]):([0-5][0-9])")
+MAX_TOKEN = 256        # characters of one Slurm token or extra-flag value
+MAX_ENV_VALUE = 4096   # characters of one environment value
+MAX_TIME_MIN = 365 * 1440  # a year; Slurm's own limits are set per partition
+MAX_MEM_GB = 16 * 1024     # 16 TiB per node
+MIN_MEM_MB = 64            # less cannot hold a Python process
+# the launcher owns these variables in a job, or they change how the job script itself runs: not settable
+RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                          "IFS", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND"})
+RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_", "BASH_FUNC_")
+# extra flags: which need a value, which take none, and the values some of them accept
+_NEEDS_VALUE = frozenset({"mail-type", "mail-user", "reservation", "licenses", "gres", "comment"})
+_BARE = frozenset({"requeue"})
+_MAIL_TYPES = frozenset({"NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",
+                         "TIME_LIMIT", "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS"})
+_EXCLUSIVE = frozenset({"", "user", "mcs", "topo"})
+_GRES = re.compile(r"[A-Za-z][A-Za-z0-9_-]*(?::[A-Za-z0-9_.-]+)*(?:,[A-Za-z][A-Za-z0-9_-]*(?::[A-Za-z0-9_.-]+)*)*")
+_MAIL_USER = re.compile(r"[A-Za-z0-9_.+-]+(?:@[A-Za-z0-9.-]+)?(?:,[A-Za-z0-9_.+-]+(?:@[A-Za-z0-9.-]+)?)*")
 
 
 # ---------------------------------------------------------------------------------------------- tokens
 
 def no_control(value: str) -> str:
     if CONTROL.search(value):
-        raise ValueError("control characters (newline, carriage return, NUL) are not allowed")
+        raise ValueError("control characters (newline, carriage return, NUL, tab, escape) are not allowed")
     return value
 
 
 def _slurm_token(value: str) -> str:
     no_control(value)
+    if len(value) > MAX_TOKEN:
+        raise ValueError(f"at most {MAX_TOKEN} characters")
     if not _SLURM_TOKEN.fullmatch(value):
         raise ValueError(r"only letters, digits and _ . , : | & ! [ ] * - are allowed")
     return value
@@ -67,15 +87,45 @@ def _extra_flag(name: str) -> str:
 
 def _extra_value(value: str) -> str:
     no_control(value)
+    if len(value) > MAX_TOKEN:
+        raise ValueError(f"at most {MAX_TOKEN} characters")
     if not _EXTRA_VALUE.fullmatch(value):
         raise ValueError(r"only letters, digits and _ . , : | & ! [ ] * @ % + = / - are allowed")
     return value
 
 
+def _check_extra_value(flag: str, value: str) -> None:
+    """The value rules of each allowed flag (the value is a checked token already); '' is the bare flag."""
+    if flag in _NEEDS_VALUE and not value:
+        raise ValueError(f"--{flag} needs a value")
+    if flag in _BARE and value:
+        raise ValueError(f"--{flag} takes no value; write `{flag}: true`")
+    if flag == "mail-type" and not set(value.upper().split(",")) <= _MAIL_TYPES:
+        raise ValueError(f"mail types are a comma-separated list of {', '.join(sorted(_MAIL_TYPES))}")
+    if flag == "mail-user" and not _MAIL_USER.fullmatch(value):
+        raise ValueError("expected a user name or e-mail address")
+    if flag == "exclusive" and value not in _EXCLUSIVE:
+        raise ValueError("expected `exclusive: true` or one of user, mcs, topo")
+    if flag == "nice" and value and not (re.fullmatch(r"[+-]?[0-9]{1,10}", value) and abs(int(value)) <= 2147483645):
+        raise ValueError("expected an integer between -2147483645 and 2147483645")
+    if flag == "gres" and not _GRES.fullmatch(value):
+        raise ValueError("expected name[:type]:count[,...], e.g. gpu:a100:2")
+
+
 def _env_name(name: str) -> str:
     if not _ENV_NAME.fullmatch(name):
-        raise ValueError("environment variable names are letters, digits and '_', not starting with a digit")
+        raise ValueError("environment variable names are 1-128 letters, digits and '_', not starting with a digit")
+    if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+        raise ValueError("set by Slurm or asbatch's launcher in every job, or changes how the job script runs; a "
+                         "profile cannot set it")
     return name
+
+
+def _env_value(value: str) -> str:
+    no_control(value)
+    if len(value) > MAX_ENV_VALUE:
+        raise ValueError(f"at most {MAX_ENV_VALUE} characters")
+    return value
 
 
 SlurmToken = Annotated[str, AfterValidator(_slurm_token)]
@@ -83,16 +133,16 @@ SafeName = Annotated[str, AfterValidator(_safe_name)]
 ExtraFlag = Annotated[str, AfterValidator(_extra_flag)]
 ExtraValue = Annotated[str, AfterValidator(_extra_value)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
-EnvValue = Annotated[str, AfterValidator(no_control)]
+EnvValue = Annotated[str, AfterValidator(_env_value)]
 
 
 def parse_time(value: int | str) -> int:
     """A Slurm time limit as whole minutes: an int of minutes, 'HH:MM:SS' or 'D-HH:MM:SS' (seconds round up)."""
-    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value.strip()):
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         minutes = value
-    elif isinstance(value, str) and (match := _TIME.fullmatch(value.strip())):
+    elif isinstance(value, str) and len(value) < 40 and (match := _TIME.fullmatch(value.strip())):
         days, hours, mins, secs = (int(g or 0) for g in match.groups())
         if match.group(1) is not None and hours >= 24:
             raise ValueError("hours must be below 24 in 'D-HH:MM:SS'")
@@ -101,45 +151,76 @@ def parse_time(value: int | str) -> int:
         raise ValueError("time must be whole minutes (int), 'HH:MM:SS' or 'D-HH:MM:SS'")
     if minutes <= 0:
         raise ValueError("time must be positive")
+    if minutes > MAX_TIME_MIN:
+        raise ValueError(f"time must be at most 365 days ({MAX_TIME_MIN} minutes)")
     return minutes
 
 
 def _scalars_to_str(value: Any) -> Any:
-    """YAML `nice: 10` / `exclusive: true` / `OMP_NUM_THREADS: 1` -> '10' / '' (bare flag) / '1'."""
+    """YAML `nice: 10` / `exclusive: true` -> '10' / '' (bare flag); False / null say how to leave a flag out."""
     if not isinstance(value, dict):
         return value
-    return {k: _scalar_to_str(v) for k, v in value.items()}
+    return {k: _scalar_to_str(k, v) for k, v in value.items()}
 
 
-def _scalar_to_str(value: Any) -> Any:
+def _scalar_to_str(flag: Any, value: Any) -> Any:
     if value is True:
         return ""
+    if value is False or value is None:
+        raise ValueError(f"{flag}: {value} is not a value; leave the flag out instead (or write it as a string)")
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    return value  # False and anything else: left for pydantic to reject as "not a string"
+    return value  # anything else: left for pydantic to reject as "not a string"
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true / false")
+    return value
+
+
+def _whole_mb(mem_gb: float) -> float:
+    """Round up to whole MB (Slurm's unit), at least MIN_MEM_MB: a tiny value must never become --mem=0, which
+    Slurm reads as all of a node's memory."""
+    mb = math.ceil(mem_gb * 1024 - 1e-9)
+    if mb < MIN_MEM_MB:
+        raise ValueError(f"at least {MIN_MEM_MB} MB ({MIN_MEM_MB / 1024:g} GB) for a training process; a tiny value "
+                         "would round to --mem=0, which Slurm reads as all of a node's memory")
+    return mb / 1024
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- resources
 
 class Resources(Strict):
-    """What each array task asks Slurm for. `time` (alias of `timeout_min`) is stored as whole minutes."""
+    """What each array task asks Slurm for. `time` (alias of `timeout_min`) is stored as whole minutes, `mem_gb`
+    as whole MB (rounded up)."""
 
     partition: SlurmToken | None = None
     account: SlurmToken | None = None
     qos: SlurmToken | None = None
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, le=1024)
     gpus_per_node: int = Field(0, ge=0, le=16)
-    cpus_per_task: int = Field(1, ge=1)
-    mem_gb: float | None = Field(None, gt=0)
+    cpus_per_task: int = Field(1, ge=1, le=1024)
+    mem_gb: float | None = Field(None, gt=0, le=MAX_MEM_GB)
     timeout_min: int = Field(60, validation_alias=AliasChoices("time", "timeout_min"),
                              description="'HH:MM:SS', 'D-HH:MM:SS' or minutes")
     constraint: SlurmToken | None = None
-    array_parallelism: int = Field(64, ge=1, description="at most this many tasks of an array run at once")
+    array_parallelism: int = Field(64, ge=1, le=10_000, description="at most this many tasks of an array run at once")
     extra: dict[ExtraFlag, ExtraValue] = Field(default_factory=dict, description="allow-listed sbatch flags")
+
+    @field_validator("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any) -> Any:
+        return _no_bool(value)
+
+    @field_validator("mem_gb")
+    @classmethod
+    def _mem_in_mb(cls, value: float | None) -> float | None:
+        return None if value is None else _whole_mb(value)
 
     @field_validator("timeout_min", mode="before")
     @classmethod
@@ -150,6 +231,16 @@ class Resources(Strict):
     @classmethod
     def _extra_as_str(cls, value: Any) -> Any:
         return _scalars_to_str(value)
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_values(cls, value: dict[str, str]) -> dict[str, str]:
+        for flag, text in value.items():
+            try:
+                _check_extra_value(flag, text)
+            except ValueError as err:
+                raise ValueError(f"{flag}: {err}") from None
+        return value
 
     @model_validator(mode="after")
     def _one_way_to_ask_for_gpus(self) -> Resources:
@@ -175,7 +266,29 @@ class ProfileFile(Resources):
     @field_validator("env", mode="before")
     @classmethod
     def _env_as_str(cls, value: Any) -> Any:
-        return _scalars_to_str(value)
+        """Values are read from the file as written (`true` stays 'true', `0x10` stays '0x10'); from plain data a
+        bool is refused (how it was written is lost) and a missing value is an error, not 'None'."""
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, item in value.items():
+            if item is None:
+                raise ValueError(f"{name}: no value (write {name}: '' for an empty one)")
+            if isinstance(item, bool):
+                raise ValueError(f"{name}: write true / false as a string ('true') to export it as written")
+            out[name] = str(item) if isinstance(item, int | float) else item
+        return out
+
+
+def _known_keys(data: dict) -> None:
+    """A file that is a mapping but no profile (a password file, a netrc) is refused without repeating its keys,
+    which may be secrets; an unknown key that looks like a name is left to the validation's "did you mean"."""
+    names = model_keys(ProfileFile)
+    unknown = [key for key in data if key not in names]
+    if unknown and len(unknown) == len(data):
+        raise SpecError(f"not a profile: none of its {len(data)} keys is a profile field ({', '.join(names)})")
+    if any(not _PLAIN_KEY.fullmatch(key) for key in unknown):
+        raise SpecError("a key that is not a profile field (not repeated: it does not look like a field name)")
 
 
 @dataclass(frozen=True)
@@ -203,33 +316,47 @@ def available_profiles() -> list[str]:
     return sorted({p.stem for d in profile_dirs() if d.is_dir() for p in [*d.glob("*.yaml"), *d.glob("*.yml")]})
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, a path through a file: no such profile
+        return False
+
+
+def _is_path(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".yaml", ".yml"))
+
+
 def find_profile(ref: str, base_dir: Path | None = None) -> Path:
     """A profile name -> its file; a ref with '/' or a .yaml suffix is a path (relative to `base_dir`)."""
-    if "/" in ref or ref.endswith((".yaml", ".yml")):
+    if _is_path(ref):
         path = Path(ref).expanduser()
         path = path if path.is_absolute() or base_dir is None else base_dir / path
-        if not path.is_file():
-            raise SpecError(f"profile: no profile file at {str(path)!r}")
+        if not _is_file(path):
+            raise SpecError(f"profile: no profile file at {show(str(path))}")
         return path
     for folder, suffix in itertools.product(profile_dirs(), (".yaml", ".yml")):
-        if (folder / f"{ref}{suffix}").is_file():
+        if _is_file(folder / f"{ref}{suffix}"):
             return folder / f"{ref}{suffix}"
     names = available_profiles()
-    raise SpecError(f"profile: unknown profile {ref!r}{did_you_mean(ref, names)} (available: "
+    raise SpecError(f"profile: unknown profile {show(ref)}{did_you_mean(ref, names)} (available: "
                     f"{', '.join(names) or 'none'}; searched {', '.join(map(str, profile_dirs()))})")
 
 
 def load_profile(ref: str, base_dir: Path | None = None) -> Profile:
-    """Load and validate a cluster profile by name or path."""
+    """Load and validate a cluster profile by name or path. A profile may be any file a user points at, so
+    messages never repeat its content beyond the field that is wrong."""
     path = find_profile(ref, base_dir)
     try:
-        data = read_yaml(path)
+        data = read_yaml(path, quote=False, as_written="env")
         data = {} if data is None else data  # an empty profile is a valid (if useless) one
         if not isinstance(data, dict):
-            raise SpecError(f"a profile must be a mapping of resources (and env), got {kind(data)}")
-        reject_control_chars(data)
-        parsed = validate(ProfileFile, data)
+            raise SpecError(f"not a profile: a profile is a YAML mapping of resources (and env), this file holds "
+                            f"{kind(data, quote=False)}")
+        _known_keys(data)
+        reject_control_chars(data, quote=False)  # values may be secrets (an API key in env): never repeated
+        parsed = validate(ProfileFile, data, quote=False)
         resources = Resources.model_validate(parsed.model_dump(exclude_unset=True, exclude={"env"}))
     except SpecError as err:
-        raise SpecError(f"profile {ref!r} ({path}): {err}") from None
+        raise SpecError(f"profile {ref!r}{'' if _is_path(ref) else f' ({path})'}: {err}") from None
     return Profile(name=path.stem, path=path, resources=resources, env=dict(parsed.env))

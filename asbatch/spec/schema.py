@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator
 
 from asbatch.config import RunConfig
-from asbatch.spec.errors import SpecError, did_you_mean, dotted, format_validation_error, is_model, show, validate
+from asbatch.spec.errors import SpecError, cut, did_you_mean, dotted, format_validation_error, is_model, show, validate
 from asbatch.spec.loading import kind, reject_control_chars
 from asbatch.spec.resources import Profile, Resources, SafeName, Strict, load_profile
 
@@ -65,6 +65,13 @@ class SpecFile(Strict):
     grid: dict[str, Annotated[list[Any], AfterValidator(_non_empty)]] = Field(default_factory=dict)
     stages: dict[SafeName, StageSpec] | None = None
 
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _named_profile(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError("names no profile; name one, or leave `profile` out for none")
+        return value
+
     @field_validator("stages")
     @classmethod
     def _some_stage(cls, stages: dict | None) -> dict | None:
@@ -84,16 +91,19 @@ class Spec:
     stages: dict[str, StageSpec]
     resources: dict[str, Resources]
     source: Path | None = None
+    defaults_at: tuple[str, ...] = ("defaults",)  # where run config fields sit in the file: () for a one-run file
 
 
-def parse_spec(data: Any, base_dir: Path | None = None, source: Path | None = None) -> Spec:
-    """Validate a spec given as plain data (as from YAML); `base_dir` anchors a profile given as a path."""
+def parse_spec(data: Any, base_dir: Path | None = None, source: Path | None = None,
+               defaults_at: tuple[str, ...] = ("defaults",)) -> Spec:
+    """Validate a spec given as plain data (as from YAML); `base_dir` anchors a profile given as a path.
+    `defaults_at` is where messages place the fields of `defaults` (() for a file holding one run's config)."""
     if not isinstance(data, dict):
         raise SpecError(f"the top level must be a mapping ({', '.join(SPEC_KEYS)}), got {kind(data)}")
     reject_control_chars(data)
     doc = validate(SpecFile, data)
     stages = doc.stages if doc.stages is not None else {DEFAULT_STAGE: StageSpec()}
-    check_config_keys(doc.defaults, ("defaults",))
+    check_config_keys(doc.defaults, defaults_at)
     _check_grid(doc.grid)
     for name, stage in stages.items():
         _check_stage(name, stage, stages, doc.grid)
@@ -104,7 +114,7 @@ def parse_spec(data: Any, base_dir: Path | None = None, source: Path | None = No
     base = profile.resources if profile else Resources()
     resources = {name: _stage_resources(name, base, stage.resources) for name, stage in stages.items()}
     return Spec(sweep=doc.sweep, profile=profile, defaults=doc.defaults, grid=doc.grid, stages=stages,
-                resources=resources, source=source)
+                resources=resources, source=source, defaults_at=defaults_at)
 
 
 def _config_paths(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
@@ -144,13 +154,14 @@ def check_config_keys(values: dict, loc: tuple, model: type[BaseModel] = RunConf
 
 def _check_grid(grid: dict[str, list[Any]]) -> None:
     for key in grid:
+        shown = cut(key)
         if key in RESERVED:
-            raise SpecError(f"grid.{key}: set from {RESERVED[key]}; it cannot be a grid key")
+            raise SpecError(f"grid.{shown}: set from {RESERVED[key]}; it cannot be a grid key")
         if key not in CONFIG_PATHS:
-            raise SpecError(f"grid.{key}: not a RunConfig field path{suggest_path(key, CONFIG_PATHS)}")
+            raise SpecError(f"grid.{shown}: not a RunConfig field path{suggest_path(key, CONFIG_PATHS)}")
         overlap = next((other for other in grid if key.startswith(f"{other}.")), None)
         if overlap:
-            raise SpecError(f"grid.{key}: overlaps grid.{overlap}; vary one or the other")
+            raise SpecError(f"grid.{shown}: overlaps grid.{overlap}; vary one or the other")
 
 
 def _check_stage(name: str, stage: StageSpec, stages: dict[str, StageSpec], grid: dict) -> None:
@@ -172,22 +183,35 @@ def _check_stage(name: str, stage: StageSpec, stages: dict[str, StageSpec], grid
 
 
 def _stage_order(stages: dict[str, StageSpec]) -> list[str]:
-    """Stages in dependency order (file order where free); a cycle in `after` fails, naming it."""
+    """Stages in dependency order (file order where free); a cycle in `after` fails, naming it.
+
+    A depth-first walk with an explicit stack (a chain of thousands of stages cannot exhaust Python's)."""
     order: list[str] = []
-
-    def visit(name: str, trail: list[str]) -> None:
-        if name in trail:
-            cycle = [*trail[trail.index(name):], name]
-            raise SpecError(f"stages.{cycle[0]}.after: dependency cycle {' -> '.join(cycle)} "
-                            f"(each stage runs after the next)")
-        if name not in order:
-            for up in stages[name].after:
-                visit(up, [*trail, name])
-            order.append(name)
-
-    for name in stages:
-        visit(name, [])
+    done: set[str] = set()
+    for root in stages:
+        if root in done:
+            continue
+        path, on_path, pending = [root], {root}, [iter(stages[root].after)]
+        while path:
+            up = next(pending[-1], None)
+            if up is None:
+                done.add(path[-1])
+                on_path.discard(path[-1])
+                order.append(path.pop())
+                pending.pop()
+            elif up in on_path:
+                raise SpecError(_cycle_message([*path[path.index(up):], up]))
+            elif up not in done:
+                path.append(up)
+                on_path.add(up)
+                pending.append(iter(stages[up].after))
     return order
+
+
+def _cycle_message(cycle: list[str]) -> str:
+    shown = cycle if len(cycle) <= 8 else [*cycle[:4], "...", *cycle[-3:]]
+    size = f" ({len(cycle) - 1} stages)" if len(cycle) > 8 else ""
+    return f"stages.{cycle[0]}.after: dependency cycle {' -> '.join(shown)}{size} (each stage runs after the next)"
 
 
 def _check_upstream_ignores(stages: dict[str, StageSpec]) -> None:

@@ -1,0 +1,173 @@
+"""The command line's error convention beyond specs: damaged state files name the file (exit 2) in status,
+logs, cancel and retry while `status` alone still lists the healthy sweeps; runtime failures (missing data,
+no network, no W&B key, an uncreatable runs root, a non-finite loss) are one `error:` line, exit 1, red on a
+terminal, with the traceback only under ASBATCH_DEBUG=1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+from cifar_fixtures import write_fake_cifar10
+from cli_helpers import invoke, rejected
+from click.testing import CliRunner
+from fakeslurm import FakeSlurm
+
+from asbatch.cli.app import App
+from asbatch.rundir import SweepDir
+
+CONFIG = {"cpu": True, "data": {"name": "digits", "batch_size": 64}, "model": {"name": "mlp", "width": 8},
+          "schedule": {"name": "cosine", "epochs": 1}}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("ASBATCH_PROFILES", "ASBATCH_RUNS", "ASBATCH_DATA", "ASBATCH_DEBUG", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _spec(tmp_path: Path, sweep: str, **extra) -> Path:
+    path = tmp_path / f"{sweep}.yaml"
+    path.write_text(yaml.safe_dump({"sweep": sweep, "profile": "local", "defaults": CONFIG,
+                                    "grid": {"seed": [0, 1]}, **extra}))
+    return path
+
+
+@pytest.fixture
+def sweeps(tmp_path, monkeypatch):
+    """Two sweeps submitted to fake Slurm: `good` and `bad` (whose manifest the tests damage)."""
+    FakeSlurm(tmp_path / "fake").activate(monkeypatch)
+    runs = tmp_path / "runs"
+    for name in ("good", "bad"):
+        result = invoke("submit", _spec(tmp_path, name), "--executor", "slurm", "--runs-root", runs)
+        assert result.exit_code == 0, result.output
+    return runs
+
+
+def _damage(manifest: Path, how: str) -> None:
+    data = json.loads(manifest.read_text())
+    if how == "truncated":
+        manifest.write_text(manifest.read_text()[:100])
+        return
+    if how == "a list":
+        data = [data]
+    elif how == "job id not from Slurm":
+        data["submissions"][0]["job_id"] = "abc"
+    elif how == "debug id under slurm":
+        data["submissions"][1]["job_id"] = data["submissions"][1]["array_job_id"] = "DEBUG_1"
+    elif how == "config without epochs":
+        del data["submissions"][0]["config"]["schedule"]
+    elif how == "unknown executor":
+        data["arrays"][0]["executor"] = "kubernetes"
+    manifest.write_text(json.dumps(data))
+
+
+DAMAGE = ["truncated", "a list", "job id not from Slurm", "debug id under slurm", "config without epochs",
+          "unknown executor"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_manifest_is_one_line_naming_it_in_every_command(how, sweeps):
+    manifest = SweepDir(sweeps / "bad").manifest_file
+    run_id = json.loads(manifest.read_text())["submissions"][0]["run_id"]
+    _damage(manifest, how)
+    for command in (["status", "bad"], ["logs", run_id], ["logs", run_id, "--sweep", "bad"], ["cancel", "bad"],
+                    ["retry", "bad"]):
+        rejected(invoke(*command, "--runs-root", sweeps), str(manifest))
+    listing = invoke("status", "--runs-root", sweeps)
+    assert listing.exit_code == 0 and "Traceback" not in listing.output
+    assert "good" in listing.output and "2 PENDING" in listing.output
+    warnings = [line for line in listing.output.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and str(manifest) in warnings[0]
+
+
+def test_damaged_run_files_name_the_file(sweeps):
+    run_dir = Path(json.loads(SweepDir(sweeps / "good").manifest_file.read_text())["submissions"][0]["run_dir"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1, "trunc')
+    rejected(invoke("status", "good", "--runs-root", sweeps), f"{run_dir / 'metrics.jsonl'}: line 2 is not JSON")
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    (run_dir / "results.json").write_text("{")
+    rejected(invoke("table", "good", "--runs-root", sweeps), f"{run_dir / 'results.json'}: cannot be read as JSON")
+
+
+def test_table_on_a_directory_that_is_no_sweep_is_bad_input(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    rejected(invoke("table", tmp_path / "notes"), "is not a sweep: it has no manifest and no run dirs")
+    rejected(invoke("table", "nope", "--runs-root", tmp_path), "no sweep 'nope' under")
+    rejected(invoke("report", tmp_path / "notes"), "is not a sweep")
+
+
+def test_missing_data_is_one_line_before_anything_is_created(tmp_path):
+    config = tmp_path / "c10.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "data": {"name": "cifar10", "root": str(tmp_path / "data")}}))
+    runs = tmp_path / "runs"
+    missing = f"cifar10: missing {tmp_path / 'data' / 'cifar-10-batches-py' / 'data_batch_1'}"
+    rejected(invoke("run", config, "--runs-root", runs), missing, "asbatch data download cifar10 --root", code=1)
+    rejected(invoke("submit", config, "--executor", "local", "--runs-root", runs), missing, code=1)
+    assert not runs.exists()
+    dry = invoke("submit", config, "--dry-run", "--runs-root", runs)
+    assert dry.exit_code == 0 and f"warning: {missing}" in dry.output and not runs.exists()
+    write_fake_cifar10(tmp_path / "data")
+    dry = invoke("submit", config, "--dry-run", "--runs-root", runs)
+    assert dry.exit_code == 0 and "warning" not in dry.output
+
+
+def test_the_data_root_of_a_profile_env_is_where_data_is_looked_for(tmp_path):
+    write_fake_cifar10(tmp_path / "shared")
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text(f"partition: debug\nenv: {{ASBATCH_DATA: {tmp_path / 'shared'}}}\n")
+    spec = _spec(tmp_path, "c", profile=str(profile), defaults={**CONFIG, "data": {"name": "cifar10"}})
+    dry = invoke("submit", spec, "--dry-run", "--runs-root", tmp_path / "runs")
+    assert dry.exit_code == 0 and "warning" not in dry.output
+
+
+def test_sync_without_a_key_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run_dir = SweepDir.at(tmp_path / "runs", "s").run("train-0123456789")
+    (run_dir.wandb_dir / "offline-run-20250101_000000-train-0123456789").mkdir(parents=True)
+    run_dir.write_config(CONFIG)
+    run_dir.write_wandb_state({"id": "train-0123456789", "project": "asbatch"})
+    rejected(invoke("sync", "s", "--runs-root", tmp_path / "runs"), "no W&B API key", code=1)
+
+
+@pytest.mark.slow
+def test_download_without_network_is_one_line(tmp_path):
+    proxy = "http://127.0.0.1:9"  # nothing listens there: the download fails at once, with or without internet
+    env = {"https_proxy": proxy, "http_proxy": proxy, "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy}
+    rejected(invoke("data", "download", "cifar10", "--root", tmp_path / "data", env=env),
+             "cannot download cifar10 into", code=1)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_is_one_line(tmp_path):
+    config = tmp_path / "inf.yaml"  # a prior sigma of 1e-30 makes the KL term overflow at the first step
+    config.write_text(yaml.safe_dump({**CONFIG, "data": {"name": "synthetic", "batch_size": 500},
+                                      "model": {"name": "mlp", "width": 8, "prior_sigma": 1e-30},
+                                      "adversarial": {"lam": 0.0, "kl_weight": 1.0}}))
+    rejected(invoke("run", config, "--runs-root", tmp_path / "runs"), "loss is inf at global step 0", code=1)
+
+
+@click.group(cls=App)
+def _group() -> None:
+    """A throwaway group with the real error handling."""
+
+
+@_group.command()
+def boom() -> None:
+    {}["missing"]  # a plain bug, as a user would meet one
+
+
+def test_an_unexpected_failure_is_one_red_line_and_its_traceback_is_on_request():
+    result = CliRunner().invoke(_group, ["boom"])
+    assert result.exit_code == 1 and result.output == "error: KeyError: 'missing'\n"
+    coloured = CliRunner().invoke(_group, ["boom"], color=True)
+    assert coloured.output.startswith("\x1b[31m\x1b[1merror:\x1b[0m KeyError")
+    debug = CliRunner().invoke(_group, ["boom"], env={"ASBATCH_DEBUG": "1"})
+    assert "Traceback (most recent call last)" in debug.output and debug.output.endswith("KeyError: 'missing'\n")
+    rejected(CliRunner().invoke(_group, ["boom", "--bogus"]), "No such option '--bogus'")
