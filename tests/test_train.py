@@ -136,7 +136,7 @@ def test_epoch_timing_covers_the_whole_epoch_even_with_mid_epoch_checkpoints(tmp
 
 
 def test_a_loss_that_is_non_finite_before_any_checkpoint_says_so(tmp_path):
-    cfg = digits_config(optim={"name": "sgd", "lr": 1e12}, schedule={"name": "constant", "epochs": 3},
+    cfg = digits_config(optim={"name": "sgd", "lr": 10.0, "momentum": 1.0}, schedule={"name": "constant", "epochs": 3},
                         checkpoint_every=10_000)
     with pytest.raises(NonFiniteLossError, match=r"at global step \d+ \(epoch 0\); no checkpoint was written"):
         train(cfg, tmp_path / "nan")

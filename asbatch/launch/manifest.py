@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from asbatch.launch.submit import StageSubmission
 
 JOB_ID = r"^(\d+(_\d+)?|DEBUG_\d+)$"  # a Slurm job / array task, a local executor's pid, a debug job
+DEPENDENCY = r"^(afterok|aftercorr)(:\d+(_\d+)?)+$"  # what asbatch writes into --dependency
 _JOB_ID_OF = {"slurm": re.compile(r"\d{1,18}(_\d{1,9})?"), "local": re.compile(r"\d{1,9}"),
               "debug": re.compile(r"DEBUG_\d+")}  # what each executor's job ids look like
 
@@ -56,7 +57,8 @@ class SubmissionRecord(_Record):
     run_dir: str
     wandb_id: str
     submitted_at: str
-    dependency: str | None = None  # this task's own `afterok:` on its upstream runs' tasks ('' none; None: unknown)
+    # this task's own `afterok:` on its upstream runs' tasks ('' none; None: not recorded, older manifests)
+    dependency: str | None = Field(None, pattern=rf"{DEPENDENCY}|^$")
 
     @model_validator(mode="after")
     def _consistent(self) -> SubmissionRecord:
@@ -72,7 +74,7 @@ class ArrayRecord(_Record):
     stage: str
     executor: Literal["slurm", "local", "debug"]
     array_job_id: str = Field(pattern=JOB_ID)
-    dependency: str | None = Field(None, pattern=r"^afterok(:\d+(_\d+)?)+$")
+    dependency: str | None = Field(None, pattern=DEPENDENCY)
     run_ids: list[str]
     submitted_at: str
     log_dir: str
