@@ -138,7 +138,8 @@ def test_reference_variant_equals_the_transcribed_reference_step_over_consecutiv
         torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
         for (m, n, g), k in zip(bayesian_weights(net), LAYOUT, strict=True):
-            torch.testing.assert_close(m.parametrizations[n].original.detach(), ref.mu[k].detach(), rtol=1e-5, atol=1e-6)
+            mu = m.parametrizations[n].original.detach()
+            torch.testing.assert_close(mu, ref.mu[k].detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(g.log_sigma.detach(), ref.log_sigma[k].detach(), rtol=1e-5, atol=1e-6)
     forwards = (steps + 1 if lam > 0 else 0) + (1 if lam < 1 else 0) + 1
     assert ref.batches_tracked == 5 * forwards
