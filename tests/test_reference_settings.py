@@ -111,3 +111,27 @@ def test_the_reference_settings_change_the_run_id_and_default_to_asbatchs_own():
     assert base.model.init_log_sigma is None and not base.optim.reset_each_epoch
     ref = RunConfig.model_validate({"adversarial": {"variant": "reference"}})
     assert ref.run_id != base.run_id
+
+
+def test_tables_keep_paper_and_reference_runs_apart():
+    from asbatch.analysis import paper_tables
+    from asbatch.analysis.aggregate import aggregate, default_grouping
+    from asbatch.analysis.records import Record
+
+    metrics = dict(lowest=80.0, highest=85.0, mean_acc=82.0, retained_20=99.0, retained_40=98.0, retained_60=97.0,
+                   retained_80=96.0, ece=0.05, nll=0.5, brier=0.2, aurc=0.03)
+
+    def rec(run_id: str, lam: float, variant: str, ensemble: float) -> Record:
+        return Record(run_id=run_id, sweep="s", stage="train", data="digits", model="resnet20", bayesian=True,
+                      lam=lam, as_on=lam > 0, fine_tuned=False, seed=0, variant=variant, ensemble=ensemble,
+                      **metrics)
+
+    records = [rec("p0", 0.0, "paper", 90.0), rec("p1", 0.8, "paper", 92.0),
+               rec("r0", 0.0, "reference", 80.0), rec("r1", 0.8, "reference", 70.0)]
+    assert default_grouping(records)[-1] == "variant"
+    assert default_grouping(records[:2])[-1] != "variant"  # one variant: nothing to separate
+    groups = aggregate(records, by=default_grouping(records))
+    assert sorted((g.get("variant"), g.get("as_on"), g["ensemble"].mean) for g in groups) == [
+        ("paper", False, 90.0), ("paper", True, 92.0), ("reference", False, 80.0), ("reference", True, 70.0)]
+    text = paper_tables(groups, "md")
+    assert "variant=reference" in text and "variant=paper" in text
