@@ -30,10 +30,11 @@ def _panel_title(data: str, model: str | None, fine_tuned: Any) -> str:
 
 
 def _as_label(group: Group) -> str:
+    variant = f" [{group.get('variant')}]" if "variant" in group.key else ""  # a sweep with several AS variants
     if not group.get("as_on"):
-        return "no AS"
+        return "no AS" + variant
     lams = ", ".join(f"{v:g}" for v in group.lams)
-    return f"AS (λ = {lams})" if len(group.lams) == 1 else f"AS (λ in {{{lams}}})"
+    return (f"AS (λ = {lams})" if len(group.lams) == 1 else f"AS (λ in {{{lams}}})") + variant
 
 
 def _colors(groups: Sequence[Group]) -> list[str | tuple]:
@@ -62,7 +63,9 @@ def _in_panel(groups: Sequence[Group], panel: tuple[Any, Any, Any]) -> list[Grou
 def plot_lambda_influence(records: Iterable[Record], path: str | Path) -> Path:
     """Ensembled and lowest accuracy (mean ± std over seeds) against lambda, a line per model; a row of
     panels per data set (and fine-tune setting)."""
-    groups = aggregate(records, by=("data", "fine_tuned", "model", "lam"))
+    records = list(records)
+    variants = ("variant",) if "variant" in default_grouping(records) else ()
+    groups = aggregate(records, by=("data", "fine_tuned", "model", *variants, "lam"))
     if not groups:
         return message_png(path, NO_RUNS)
     panels = list(dict.fromkeys((g.get("data"), g.get("fine_tuned")) for g in groups))
@@ -71,11 +74,12 @@ def plot_lambda_influence(records: Iterable[Record], path: str | Path) -> Path:
         for col, metric in enumerate((BY_NAME["ensemble"], BY_NAME["lowest"])):
             ax = axes[row][col]
             in_panel = [g for g in groups if (g.get("data"), g.get("fine_tuned")) == (data, ft)]
-            for model in dict.fromkeys(g.get("model") for g in in_panel):
-                line = sorted((g for g in in_panel if g.get("model") == model), key=lambda g: g.get("lam"))
+            for model, variant in dict.fromkeys((g.get("model"), g.get("variant")) for g in in_panel):
+                line = sorted((g for g in in_panel if (g.get("model"), g.get("variant")) == (model, variant)),
+                              key=lambda g: g.get("lam"))
                 ax.errorbar([g.get("lam") for g in line], [g[metric.name].mean for g in line],
                             yerr=[g[metric.name].std for g in line], marker="o", capsize=3,
-                            label=model_title(model))
+                            label=model_title(model) + (f" ({variant})" if variant else ""))
             ax.set(xlabel="λ", ylabel=f"{metric.short} accuracy (%)",
                    title=f"{_panel_title(data, None, ft)}: {metric.short} accuracy")
             ax.grid(alpha=0.3)
@@ -138,8 +142,8 @@ def plot_sample_accuracy_distribution(records: Iterable[Record], path: str | Pat
                     parts[key].set_color(color)
             ax.scatter(pos + jitter.uniform(-0.12, 0.12, values.size), values, s=10, color=color, alpha=0.8)
         ax.set_xticks(range(1, len(in_panel) + 1),
-                      [f"{_as_label(g)}\n{_count(len(g.sample_accuracies), 'sample')}, {_count(g.n, 'run')}"
-                       for g in in_panel],
+                      [_as_label(g).replace(" [", "\n[")  # the variant on a line of its own
+                       + f"\n{_count(len(g.sample_accuracies), 'sample')},\n{_count(g.n, 'run')}" for g in in_panel],
                       fontsize=8)
         ax.set(ylabel=SAMPLE_ACCURACIES.header, title=_panel_title(*panel))
         ax.grid(alpha=0.3, axis="y")
