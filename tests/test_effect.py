@@ -35,3 +35,22 @@ def test_one_line_per_variant_and_none_without_a_lambda_zero_baseline():
     assert len(lines) == 2 and "paper variant" in lines[0] and "reference variant" in lines[1]
     assert "lowest -10.0 ± 0.0" in lines[1]
     assert as_effect_lines([rec(0, 0.8, 85.0, 91.0, 92.0)]) == []
+
+
+def test_asbatch_run_prints_the_line_under_its_table(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = {"sweep": "effect", "defaults": {
+        "cpu": True, "data": {"name": "digits", "batch_size": 64, "test_batch_size": 360, "train_subset": 256},
+        "model": {"name": "mlp", "width": 16, "init_sigma": 0.01}, "schedule": {"name": "constant", "epochs": 1},
+        "eval": {"num_samples": 3}}, "grid": {"adversarial.lam": [0.0, 0.8], "seed": [0, 1]}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "asbatch", "run", str(path), "--runs-root", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("AS (lambda 0.8) vs lambda 0")]
+    assert len(lines) == 1 and "Digits / MLP, 2 seeds: lowest " in lines[0], proc.stdout[-2000:]

@@ -47,7 +47,7 @@ def as_effect_lines(records: Iterable[Record]) -> list[str]:
                 diff, err = _difference(treated, control, name)
                 parts.append(f"{label} {diff:+.1f} ± {err:.1f}")
             n, m = len(treated), len(control)
-            seeds = f"{n} seeds" if n == m else f"{n} vs {m} runs"
+            seeds = f"{n} seed{'s' * (n != 1)}" if n == m else f"{n} vs {m} runs"
             where = f"{dataset_title(data)} / {model_title(model)}" + (", fine-tuned" if fine_tuned else "")
             where += f", {variant} variant" if len(variants) > 1 else ""
             lines.append(f"AS (lambda {lam:g}) vs lambda 0, {where}, {seeds}: " + ", ".join(parts)
