@@ -41,7 +41,7 @@ def test_paper_specs_use_the_paper_settings():
             assert (c.schedule.epochs, c.schedule.milestones, c.optim.name) == (200, (80, 140, 180), "adam")
             assert (c.adversarial.steps, c.adversarial.alpha) == (5, 0.02)
             assert c.adversarial.lam in (0.0, 0.8)
-            assert (c.adversarial.variant, c.precision, c.adversarial.inner_precision) == ("paper", "bf16", "fp32")
+            assert (c.adversarial.variant, c.precision, c.adversarial.inner_precision) == ("paper", "bf16", "autocast")
 
 
 def test_reproduce_reference_specs_set_every_reference_setting():

@@ -94,7 +94,7 @@ def test_full_precision_switches_an_autocast_forward_to_fp32():
     ("model", {"mu_init": "kaiming"}, "'model' or 'uniform_fan_in'"),
     ("model", {"bn_weight_init": "zeros"}, "'ones' or 'uniform'"),
     ("adversarial", {"variant": "authors"}, "'paper' or 'reference'"),
-    ("adversarial", {"inner_precision": "fp16"}, "'fp32' or 'autocast'"),
+    ("adversarial", {"inner_precision": "fp16"}, "'autocast' or 'fp32'"),
     ("data", {"normalize": "cifar"}, "'dataset' or 'imagenet'"),
     ("optim", {"reset_each_epoch": "sometimes"}, "valid boolean"),
 ])
@@ -135,3 +135,28 @@ def test_tables_keep_paper_and_reference_runs_apart():
         ("paper", False, 90.0), ("paper", True, 92.0), ("reference", False, 80.0), ("reference", True, 70.0)]
     text = paper_tables(groups, "md")
     assert "variant=reference" in text and "variant=paper" in text
+
+
+@pytest.mark.parametrize(("inner", "expected"), [("fp32", 5), ("autocast", 0)])
+def test_trainer_runs_the_inner_passes_in_fp32_under_bf16_when_asked(monkeypatch, tmp_path, inner, expected):
+    import contextlib
+
+    from tests_support import tiny_digits_config
+
+    import asbatch.train.trainer as trainer
+    from asbatch.train import train
+
+    entered = []
+    real = trainer.full_precision
+
+    @contextlib.contextmanager
+    def counting():
+        entered.append(1)
+        with real():
+            yield
+
+    monkeypatch.setattr(trainer, "full_precision", counting)
+    cfg = tiny_digits_config("inner", cpu=True, precision="bf16", adversarial={"lam": 0.8, "inner_precision": inner})
+    results = train(cfg, tmp_path / cfg.run_id)  # 320 images / 64 = 5 steps
+    assert len(entered) == expected
+    assert 0.0 <= results["evaluation"]["ensemble_accuracy"] <= 1.0
