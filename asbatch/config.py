@@ -39,6 +39,9 @@ class DataConfig(Section):
                           "shifts hurt digit data)")
     train_subset: int | None = Field(None, gt=0, description="use only the first N training examples")
     test_subset: int | None = Field(None, gt=0, description="use only the first N test examples")
+    normalize: Literal["dataset", "imagenet"] = Field(
+        "dataset", description="input mean/std: the train split's own, or ImageNet's (as the reference code "
+                               "uses on CIFAR; 3-channel data only)")
 
 
 class ModelConfig(Section):
@@ -47,10 +50,24 @@ class ModelConfig(Section):
     width: int | None = Field(None, gt=0, le=4096,
                               description="channel width of the first stage (smaller = faster)")
     init_sigma: float = Field(0.15, gt=0, le=10)
+    init_log_sigma: float | None = Field(
+        None, ge=-20, le=5, allow_inf_nan=False,
+        description="initial log sigma, written as is (the reference code writes 0.15: sigma = exp(0.15) ~ 1.16); "
+                    "replaces init_sigma")
     prior_sigma: float = Field(0.15, gt=0, le=10)
+    mu_init: Literal["model", "uniform_fan_in"] = Field(
+        "model", description="mu of conv / linear layers: the architecture's init, or U(+-1/sqrt(fan_in)) (reference)")
+    bn_weight_init: Literal["ones", "uniform"] = Field(
+        "ones", description="BatchNorm weight: 1, or U(0, 1) as the reference code")
     init_from: str | None = Field(
         None, min_length=1, max_length=4096,
         description="Bayesian fine-tune: a deterministic run dir or checkpoint file to initialise mu from")
+
+    @model_validator(mode="after")
+    def _one_sigma_init(self) -> ModelConfig:
+        if self.init_log_sigma is not None and "init_sigma" in self.model_fields_set:
+            raise ValueError("give init_sigma or init_log_sigma, not both")
+        return self
 
 
 class OptimConfig(Section):
@@ -60,6 +77,9 @@ class OptimConfig(Section):
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the global grad norm to this value")
+    reset_each_epoch: bool = Field(
+        False, description="clear the optimizer's state (Adam moments) at every epoch start, as the reference "
+                           "code re-creates its Adam every epoch")
 
 
 class ScheduleConfig(Section):
@@ -76,6 +96,13 @@ class AdversarialConfig(Section):
     steps: int = Field(5, ge=0, le=1000, description="N, sign-ascent steps on eps")
     alpha: float = Field(0.02, ge=0, le=10, description="step size on eps")
     kl_weight: float | None = Field(None, ge=0, le=1, description="beta; default 1 / (100 * N_train) as the paper")
+    variant: Literal["paper", "reference"] = Field(
+        "paper", description="paper: the paper's equations; reference: the reference code's step (run-long "
+                             "accumulated eps gradients, KL weighted by 1 - lambda, ...; see asbatch.adversarial)")
+    inner_precision: Literal["autocast", "fp32"] = Field(
+        "autocast", description="precision of the inner ascent passes under bf16/fp16: the run's autocast (bf16 "
+                                "ascents reach 99.6-99.9 % of the fp32 ascent's loss increase at 0.55x the step cost, "
+                                "benchmarks row 9), or fp32")
 
 
 class EvalConfig(Section):

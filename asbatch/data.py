@@ -3,7 +3,8 @@
 Data sets (`load(name, split, root)`):
   - cifar10, cifar100, svhn: read from torchvision's on-disk layout under the data root, never downloaded
     here (compute nodes have no internet); `download` is for a login node;
-  - digits: scikit-learn's bundled 8x8 digits, split deterministically;
+  - digits: scikit-learn's bundled 8x8 digits, split deterministically; digits_0to7: its classes 0-7 only
+    (8 classes), and digits_8to9: every 8 and 9 of both splits, never seen by digits_0to7 (its OOD set);
   - synthetic: seeded class prototypes plus noise, small and learnable, for tests.
 
 Data root: the explicit `root`, else $ASBATCH_DATA, else ./data.
@@ -38,6 +39,7 @@ SPLITS: tuple[str, ...] = ("train", "test")
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 _SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # what the reference code uses on CIFAR
 
 _CIFAR10_DIR, _CIFAR100_DIR, _SVHN_DIR = CIFAR10_DIR, CIFAR100_DIR, SVHN_DIR  # the layout lives in datafiles
 _DIGITS_TEST = 360
@@ -167,10 +169,18 @@ def _digits_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
 
 
-def _load_digits(split: str) -> Dataset:
+def _load_digits(split: str, name: str = "digits") -> Dataset:
+    """digits; digits_0to7 (classes 0-7 of each split); digits_8to9 (the 8s and 9s of both splits)."""
     splits = _digits_splits()
+    if name == "digits_8to9":
+        images, labels = (torch.cat(t) for t in zip(*splits.values(), strict=True))
+        keep = labels >= 8
+        mean, std = channel_stats(splits["train"][0][splits["train"][1] < 8])  # normalised as digits_0to7
+        return Dataset(images[keep], labels[keep], 10, mean, std, name=name)
+    if name == "digits_0to7":
+        splits = {k: (x[y < 8], y[y < 8]) for k, (x, y) in splits.items()}
     mean, std = channel_stats(splits["train"][0])
-    return Dataset(*splits[split], 10, mean, std, name="digits")
+    return Dataset(*splits[split], 8 if name == "digits_0to7" else 10, mean, std, name=name)
 
 
 def synthetic(split: str, *, num_classes: int = 10, image_shape: tuple[int, int, int] = (3, 8, 8),
@@ -210,16 +220,22 @@ def load(name: str, split: str, root: str | os.PathLike[str] | None = None) -> D
         return _load_cifar100(split, base)
     if name == "svhn":
         return _load_svhn(split, base)
-    if name == "digits":
-        return _load_digits(split)
+    if name in ("digits", "digits_0to7", "digits_8to9"):
+        return _load_digits(split, name)
     if name == "synthetic":
         return synthetic(split)
     raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
 
 
 def load_for(config: DataConfig, split: str) -> Dataset:
-    """`load` for a run's data config, keeping only the first train_subset / test_subset examples."""
+    """`load` for a run's data config, keeping only the first train_subset / test_subset examples, with the
+    normalisation the config asks for."""
     dataset = load(config.name, split, config.root)
+    if config.normalize == "imagenet":
+        if dataset.image_shape[0] != len(IMAGENET_STATS[0]):
+            raise ValueError(f"data.normalize: imagenet needs 3-channel images; {config.name} has "
+                             f"{dataset.image_shape[0]}")
+        dataset = replace(dataset, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1])
     n = config.train_subset if split == "train" else config.test_subset
     return dataset.subset(n) if n is not None else dataset
 

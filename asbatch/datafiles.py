@@ -37,6 +37,8 @@ FACTS: dict[str, DatasetFacts] = {
     "svhn": DatasetFacts((3, 32, 32), 10, 73_257, {
         "train": (f"{SVHN_DIR}/train_32x32.mat",), "test": (f"{SVHN_DIR}/test_32x32.mat",)}),
     "digits": DatasetFacts((1, 8, 8), 10, 1_437),    # scikit-learn's 1797 digits less the 360 test images
+    "digits_0to7": DatasetFacts((1, 8, 8), 8, 1_159),  # the classes 0-7 of digits' training split
+    "digits_8to9": DatasetFacts((1, 8, 8), 10, 354),   # every 8 and 9 (digits_0to7's OOD set)
     "synthetic": DatasetFacts((3, 8, 8), 10, 1_000),  # asbatch.data.synthetic's defaults
 }
 

@@ -10,12 +10,12 @@ import re
 
 # ------------------------------------------------------------------------------------------------ data sets
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
-OOD_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "synthetic")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "digits", "digits_0to7", "digits_8to9", "synthetic")
+OOD_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "digits_8to9", "synthetic")
 DOWNLOADABLE: tuple[str, ...] = ("cifar10", "cifar100", "svhn")  # digits ships with scikit-learn
 AUGMENTED_BY_DEFAULT: tuple[str, ...] = ("cifar10", "cifar100")  # flips and shifts hurt digit data
 _DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN", "digits": "Digits",
-                   "synthetic": "Synthetic"}
+                   "digits_0to7": "Digits 0-7", "digits_8to9": "Digits 8-9", "synthetic": "Synthetic"}
 
 # --------------------------------------------------------------------------------------------------- models
 

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import (
+    ascent_sign,
     checkpoint_cost,
     evaluation,
     loader,
@@ -70,18 +71,20 @@ def run_all(quick: bool, only: set[str] | None, console: Console) -> list[Row]:
         ("5", "submission and analysis", lambda: submission.run(quick)),
         ("6", "checkpoint cost", lambda: [checkpoint_cost.run(quick, shared.get("as_step_s"))]),
         ("7", "peak memory", lambda: [memory.run(quick)]),
+        ("8", "reference ascent sign", lambda: [ascent_sign.run_memory(quick)]),
+        ("9", "bf16 inner passes", lambda: ascent_sign.run_bf16(quick)),
     ]
     for key, title, fn in plan:
         if only and key not in only:
             continue
         start = time.perf_counter()
-        with console.status(f"[{key}/7] {title} ..."):
+        with console.status(f"[{key}/{len(plan)}] {title} ..."):
             try:
                 new = fn()
             except Exception as err:  # noqa: BLE001 - one broken benchmark must not hide the others
                 traceback.print_exc()
                 new = [_error_row(f"{key}. {title}", err)]
-        console.log(f"[{key}/7] {title}: {time.perf_counter() - start:.0f} s")
+        console.log(f"[{key}/{len(plan)}] {title}: {time.perf_counter() - start:.0f} s")
         rows.extend(new)
     return rows
 
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and samples (< 2 min)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
-    parser.add_argument("--only", nargs="+", metavar="N", help="run only these rows (1-7)")
+    parser.add_argument("--only", nargs="+", metavar="N", help="run only these rows (1-9)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine, 2 OpenMP threads slow down "
                              "~10x whenever another process takes a core, 1 thread only ~2x)")

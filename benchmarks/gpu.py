@@ -11,6 +11,7 @@ throughput. Without a visible GPU every row is SKIP with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -106,10 +107,8 @@ def _resume_is_exact(tmp: Path) -> tuple[bool, str]:
     config = RunConfig.model_validate(base)
     reference = train(config, tmp / "reference")
     polls = []
-    try:
+    with contextlib.suppress(TrainingInterrupted):
         train(config, tmp / "resumed", should_stop=lambda: polls.append(1) or len(polls) >= 7)
-    except TrainingInterrupted:
-        pass
     resumed = train(config, tmp / "resumed")
     a = torch.load(tmp / "reference" / "model.pt", weights_only=True)
     b = torch.load(tmp / "resumed" / "model.pt", weights_only=True)

@@ -1,8 +1,8 @@
 """Row 2: asbatch's AS step against the reference design's AS step, on the same Bayesian layers.
 
 `reference_as_step` re-implements the training step of the AS reference code (AISIGSJTU/AS) from its
-description (see asbatch/adversarial.py), on asbatch's parametrized layers, so that only the step's design
-differs, not the layer implementation. What that design does, and asbatch does not:
+description (see asbatch/adversarial/reference.py), on asbatch's parametrized layers, so that only the step's
+design differs, not the layer implementation. What that design does, and asbatch does not:
 
   - inner passes call loss.backward(): the parameters' gradients are computed every time and thrown away
     (zero_grad before each), and eps.grad is never zeroed, so step k follows sign(g_1 + ... + g_k); eps are

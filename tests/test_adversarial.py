@@ -11,7 +11,7 @@ from tests_support import conv_bnn_and_batch
 from torch import nn
 
 from asbatch.adversarial import adversarial_noise, as_step
-from asbatch.bayes import kl_divergence, make_bayesian, sample_noise, set_noise
+from asbatch.bayes import frozen_bn_stats, kl_divergence, make_bayesian, sample_noise, set_noise
 
 
 def linear_bnn(sigma: float = 0.3) -> nn.Module:
@@ -187,3 +187,44 @@ def test_bf16_autocast_step_runs_and_keeps_eps_and_grads_fp32():
         out = as_step(net, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=1e-3)
     assert torch.isfinite(out.total)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.8, 1.0])
+def test_pred_logits_are_at_eps0_and_adv_logits_at_eps_n(lam):
+    # train_acc must be comparable across lambda: it is measured at eps_0 (a posterior sample), never at eps_N
+    x, y = batch(8, (2, 4, 4))
+    net = conv_bnn()
+    out = as_step(net, x, y, lam=lam, steps=3, alpha=0.05, kl_weight=0.0, generator=torch.Generator().manual_seed(4))
+    ref = conv_bnn()
+    eps0 = sample_noise(ref, torch.Generator().manual_seed(4))
+    with torch.no_grad(), frozen_bn_stats(ref):
+        at_eps0 = ref(x)
+    set_noise(ref, adversarial_noise(ref, x, y, eps0, steps=3, alpha=0.05))
+    assert torch.allclose(out.pred_logits, at_eps0, atol=1e-6)
+    if lam == 0:
+        assert out.adv_logits is None
+    else:
+        with torch.no_grad(), frozen_bn_stats(ref):
+            assert torch.allclose(out.adv_logits, ref(x), atol=1e-6)
+        assert not torch.allclose(out.adv_logits, out.pred_logits)
+
+
+def test_inner_context_wraps_the_ascent_and_then_the_prediction_pass_gives_no_direction():
+    x, y = batch(8, (2, 4, 4))
+    entered = []
+
+    class Marker:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    net = conv_bnn()
+    calls = count_forwards(net)
+    with_context = as_step(net, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=0.0, inner_context=Marker,
+                           generator=torch.Generator().manual_seed(6))
+    assert entered == [1] and len(calls) == 5 + 2  # all N directions from inner passes, + prediction + adversarial
+    plain = as_step(conv_bnn(), x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=0.0,
+                    generator=torch.Generator().manual_seed(6))
+    assert with_context.total.item() == pytest.approx(plain.total.item(), rel=1e-6)  # same result in fp32

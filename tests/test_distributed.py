@@ -47,8 +47,10 @@ def test_two_process_deterministic_training_equals_one_process_on_the_same_globa
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-4), key
 
 
-def test_two_process_bayesian_as_training_keeps_ranks_identical(tmp_path):
-    run_dir = launch(tmp_path, {**BASE, "adversarial": {"lam": 0.8}, "schedule": {"name": "cosine", "epochs": 6}}, 2)
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_two_process_bayesian_as_training_keeps_ranks_identical(tmp_path, variant):
+    config = {**BASE, "adversarial": {"lam": 0.8, "variant": variant}, "schedule": {"name": "cosine", "epochs": 6}}
+    run_dir = launch(tmp_path, config, 2)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train"]["world_size"] == 2
     assert results["train"]["ranks_in_sync"] is True

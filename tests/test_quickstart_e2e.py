@@ -31,7 +31,7 @@ def test_submit_quickstart_then_table_matches_results_json(local_slurm, tmp_path
     sweep_dir = tmp_path / "runs" / "quickstart"
     manifest = json.loads((sweep_dir / "manifest.json").read_text())
     run_ids = {r["run_id"] for r in manifest["submissions"]}
-    assert len(run_ids) == 4
+    assert len(run_ids) == 6
 
     deadline = time.monotonic() + 900
     while not all((sweep_dir / r / "results.json").exists() for r in run_ids):

@@ -29,6 +29,15 @@ CONFIG = {
     "adversarial": {"lam": 0.8}, "eval": {"num_samples": 3},
 }
 TIMING_FIELDS = {"images_per_s", "step_time_s"}
+# The reference variant with the reference's config values: its run-long eps-gradient accumulator is in the
+# checkpoints, BatchNorm (VGG11) sees every pass, Adam is reset at each epoch start.
+REFERENCE_CONFIG = {
+    **CONFIG, "sweep": "resume_reference",
+    "model": {"name": "vgg11", "width": 4, "init_log_sigma": -3.0, "mu_init": "uniform_fan_in",
+              "bn_weight_init": "uniform"},
+    "optim": {"lr": 0.003, "reset_each_epoch": True},
+    "adversarial": {"lam": 0.8, "variant": "reference"},
+}
 
 
 def run(config_path: Path, runs_root: Path, fault: str | None = None) -> int:
@@ -85,6 +94,29 @@ def test_killed_and_restarted_run_is_bitwise_identical(tmp_path, reference, faul
     assert not (run_dir / "results.json").exists()
     assert run(path, tmp_path / "runs") == 0
     assert_identical(run_dir, reference)
+
+
+@pytest.fixture(scope="module")
+def reference_variant(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference_variant")
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(REFERENCE_CONFIG))
+    assert run(path, root / "runs") == 0
+    (run_dir,) = (root / "runs" / "resume_reference").iterdir()
+    return outcome(run_dir)
+
+
+def test_reference_variant_killed_mid_epoch_and_at_an_epoch_end_resumes_bitwise_identical(tmp_path,
+                                                                                         reference_variant):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(REFERENCE_CONFIG))
+    for fault in ("step:7", "epoch:2"):  # after the step-5 checkpoint (memory mid-run); before an Adam reset
+        assert run(path, tmp_path / "runs", fault) == -signal.SIGKILL, f"{fault} did not fire"
+    (run_dir,) = (tmp_path / "runs" / "resume_reference").iterdir()
+    assert run(path, tmp_path / "runs") == 0
+    assert_identical(run_dir, reference_variant)
+    metrics = reference_variant[2]
+    assert all(0.0 <= m["train_acc_adv"] <= 1.0 and m["train_acc_adv"] != m["train_acc"] for m in metrics)
 
 
 def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, reference):

@@ -129,9 +129,12 @@ def aggregate(records: Iterable[Record], by: Sequence[str] = DEFAULT_BY, bayesia
 
 def default_grouping(records: Iterable[Record]) -> tuple[str, ...]:
     """`DEFAULT_BY`, plus "lam" when some (data, model, fine-tune) has Bayesian AS runs with different lambdas
-    (a lambda sweep): one row per lambda, each with its lambda as a column of the CSV."""
+    (a lambda sweep): one row per lambda, each with its lambda as a column of the CSV; plus "variant" when the
+    runs use more than one AS variant: averaging over either would mix different methods."""
+    records = list(records)
     lams: dict[tuple, set[float]] = {}
     for r in records:
         if r.bayesian and r.as_on:
             lams.setdefault((r.data, r.model, r.fine_tuned), set()).add(r.lam)
-    return (*DEFAULT_BY, "lam") if any(len(v) > 1 for v in lams.values()) else DEFAULT_BY
+    by = (*DEFAULT_BY, "lam") if any(len(v) > 1 for v in lams.values()) else DEFAULT_BY
+    return (*by, "variant") if len({r.variant for r in records if r.bayesian}) > 1 else by

@@ -43,6 +43,7 @@ class Record:
     as_on: bool       # lam > 0: trained with Adversarial Sampling
     fine_tuned: bool  # model.init_from is set: a Bayesian fine-tune of a pretrained net
     seed: int
+    variant: str      # adversarial.variant: "paper" or "reference"
     metrics: dict[str, float | None]  # every registry metric by name; None where the run has no value
     sample_accuracies: tuple[float, ...]
     history: tuple[dict[str, Any], ...] | None
@@ -51,9 +52,10 @@ class Record:
     reliability: dict[str, list] | None = field(compare=False)
 
     def __init__(self, *, run_id: str, sweep: str, stage: str, data: str, model: str, bayesian: bool, lam: float,
-                 as_on: bool, fine_tuned: bool, seed: int, sample_accuracies: Iterable[float] = (),
-                 history: Iterable[Mapping[str, Any]] | None = None, config: Mapping[str, Any] | None = None,
-                 train: Mapping[str, Any] | None = None, reliability: Mapping[str, list] | None = None,
+                 as_on: bool, fine_tuned: bool, seed: int, variant: str = "paper",
+                 sample_accuracies: Iterable[float] = (), history: Iterable[Mapping[str, Any]] | None = None,
+                 config: Mapping[str, Any] | None = None, train: Mapping[str, Any] | None = None,
+                 reliability: Mapping[str, list] | None = None,
                  **metrics: float | None) -> None:
         unknown = sorted(set(metrics) - set(BY_NAME))
         missing = [m.name for m in METRICS if not m.optional and m.name not in metrics]
@@ -61,6 +63,7 @@ class Record:
             raise TypeError(f"Record: unknown metrics {unknown}, missing metrics {missing}")
         values = {"run_id": run_id, "sweep": sweep, "stage": stage, "data": data, "model": model,
                   "bayesian": bayesian, "lam": lam, "as_on": as_on, "fine_tuned": fine_tuned, "seed": seed,
+                  "variant": variant,
                   "metrics": {m.name: metrics.get(m.name) for m in METRICS},
                   "sample_accuracies": tuple(sample_accuracies),
                   "history": None if history is None else tuple(dict(row) for row in history),
@@ -99,6 +102,7 @@ def record_from_results(results: Mapping[str, Any], history: Sequence[Mapping[st
         run_id=results["run_id"], sweep=results["sweep"], stage=results["stage"],
         data=cfg["data"]["name"], model=cfg["model"]["name"], bayesian=bool(cfg["model"]["bayesian"]),
         lam=lam, as_on=lam > 0, fine_tuned=cfg["model"].get("init_from") is not None, seed=int(cfg["seed"]),
+        variant=str(cfg["adversarial"].get("variant", "paper")),
         sample_accuracies=SAMPLE_ACCURACIES.read_all(ev), history=history, config=cfg, train=train,
         reliability=ev.get("reliability"), **{m.name: m.read(ev) for m in METRICS},
     )

@@ -24,8 +24,10 @@ def make_bayesian(
     init_sigma: float = 0.15,
     prior_sigma: float = 0.15,
     layer_types: tuple[type[nn.Module], ...] = BAYESIAN_LAYER_TYPES,
+    init_log_sigma: float | None = None,
 ) -> nn.Module:
-    """Turn `model` into its Bayesian twin in place: mu <- current weights, sigma <- init_sigma.
+    """Turn `model` into its Bayesian twin in place: mu <- current weights, sigma <- init_sigma (or
+    log sigma <- init_log_sigma when given, as the reference code initialises it).
 
     Every `weight` and `bias` of the given layer types (BatchNorm: its affine weight and bias; running stats
     stay ordinary buffers) gets a GaussianWeight. Returns the model for chaining.
@@ -38,7 +40,7 @@ def make_bayesian(
         for name in ("weight", "bias"):
             param = getattr(module, name, None)
             if isinstance(param, nn.Parameter):
-                gaussian = GaussianWeight(param.detach(), init_sigma, prior_sigma).to(param.device)
+                gaussian = GaussianWeight(param.detach(), init_sigma, prior_sigma, init_log_sigma).to(param.device)
                 parametrize.register_parametrization(module, name, gaussian)
     return model
 

@@ -27,7 +27,8 @@ def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> No
     make_runs_root(runs_root)
     from rich.console import Console
 
-    from asbatch.analysis import run_table
+    from asbatch.analysis import record_from_results, run_table
+    from asbatch.analysis.effect import as_effect_lines
     from asbatch.train import train
 
     results = []
@@ -36,8 +37,10 @@ def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> No
             results.append(train(run.config, runs_root / sweep.name / run.run_id, progress_bar=True))
     if int(os.environ.get("RANK", "0")) == 0:
         bayesian = [r for r in results if r["config"]["model"]["bayesian"]]
-        Console(width=max(Console().width, 130)).print(
-            run_table(bayesian, title=f"{sweep.name}: Bayesian runs (accuracy in %)"))
+        console = Console(width=max(Console().width, 130))
+        console.print(run_table(bayesian, title=f"{sweep.name}: Bayesian runs (accuracy in %)"))
+        for line in as_effect_lines(record_from_results(r) for r in bayesian):
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 def _check_upstream_finished(spec_path: Path, sweep, selected, runs_root: Path) -> None:

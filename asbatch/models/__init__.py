@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import nn
 
 from asbatch.bayes import make_bayesian
@@ -28,21 +30,54 @@ def build_model(
     init_sigma: float = 0.15,
     prior_sigma: float = 0.15,
     width: int | None = None,
+    *,
+    init_log_sigma: float | None = None,
+    mu_init: str = "model",
+    bn_weight_init: str = "ones",
 ) -> nn.Module:
     """Build a model by name; `bayesian=True` makes every conv / linear / BN affine weight Gaussian.
 
     `width` scales the channel counts (ResNet: first stage width, default 16; VGG: first block, default 64;
     MLP: hidden units, default 128), for small CPU demos. Any input size works: the heads pool adaptively.
+    `init_log_sigma` (overrides `init_sigma`), `mu_init` and `bn_weight_init`: see `reinitialise`.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     kwargs = {"num_classes": num_classes, "in_channels": in_channels}
     if width is not None:
         kwargs["width"] = width
-    model = MODELS[name](**kwargs)
+    model = reinitialise(MODELS[name](**kwargs), mu_init, bn_weight_init)
     if bayesian:
-        make_bayesian(model, init_sigma=init_sigma, prior_sigma=prior_sigma)
+        make_bayesian(model, init_sigma=init_sigma, prior_sigma=prior_sigma, init_log_sigma=init_log_sigma)
     return model
 
 
-__all__ = ["MODELS", "build_model", "cifar_resnet", "mlp", "vgg"]
+MU_INITS: tuple[str, ...] = ("model", "uniform_fan_in")
+BN_WEIGHT_INITS: tuple[str, ...] = ("ones", "uniform")
+
+
+@torch.no_grad()
+def reinitialise(model: nn.Module, mu_init: str = "model", bn_weight_init: str = "ones") -> nn.Module:
+    """Optionally replace a fresh model's init by the reference code's (AISIGSJTU/AS `Rand*` layers).
+
+    mu_init "model": the architecture's own (ResNet: Kaiming normal; VGG, MLP: PyTorch's default);
+    "uniform_fan_in": every conv / linear weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
+    in_channels * kernel area. bn_weight_init "ones": BatchNorm weight 1 (PyTorch); "uniform": ~ U(0, 1),
+    bias 0. Draws from the global torch RNG, layer by layer in module order.
+    """
+    if mu_init not in MU_INITS or bn_weight_init not in BN_WEIGHT_INITS:
+        raise ValueError(f"mu_init must be one of {MU_INITS} and bn_weight_init one of {BN_WEIGHT_INITS}, "
+                         f"got {mu_init!r}, {bn_weight_init!r}")
+    for m in model.modules():
+        if mu_init == "uniform_fan_in" and isinstance(m, nn.Conv2d | nn.Linear):
+            bound = 1.0 / math.sqrt(m.weight[0].numel())
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.uniform_(-bound, bound)
+        elif bn_weight_init == "uniform" and isinstance(m, nn.BatchNorm2d) and m.affine:
+            m.weight.uniform_(0.0, 1.0)
+            m.bias.zero_()
+    return model
+
+
+__all__ = ["BN_WEIGHT_INITS", "MODELS", "MU_INITS", "build_model", "cifar_resnet", "mlp", "reinitialise", "vgg"]

@@ -9,10 +9,13 @@ forward runs under `torch.autocast` here, with a `torch.amp.GradScaler` for fp16
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +47,31 @@ def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | Non
     return AUTOCAST_DTYPES.get(config.precision)
 
 
+_FULL_PRECISION = contextvars.ContextVar("asbatch_full_precision", default=False)
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Forwards wrapped by `autocast_forward` run in fp32 inside this context (the AS inner passes under
+    `adversarial.inner_precision: fp32`)."""
+    token = _FULL_PRECISION.set(True)
+    try:
+        yield
+    finally:
+        _FULL_PRECISION.reset(token)
+
+
 def autocast_forward(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """Run the model's forward under autocast and return fp32 outputs (as Accelerate's prepare() does), so
-    every pass (training, AS inner passes, evaluation) shares it and the backward runs outside autocast."""
+    every pass (training, AS inner passes, evaluation) shares it and the backward runs outside autocast.
+    Inside `full_precision()` the forward runs in fp32."""
     if dtype is None:
         return model
     forward = model.forward
 
     @functools.wraps(forward)
     def forward_in_autocast(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype, enabled=not _FULL_PRECISION.get()):
             out = forward(*args, **kwargs)
         return out.float()
 
@@ -102,7 +120,8 @@ def build(config: RunConfig, num_classes: int, in_channels: int, sweep_dir: Swee
     """The run's model, mu initialised from `model.init_from` when set (Bayesian fine-tune)."""
     m = config.model
     model = build_model(m.name, num_classes, in_channels=in_channels, bayesian=m.bayesian, width=m.width,
-                        init_sigma=m.init_sigma, prior_sigma=m.prior_sigma)
+                        init_sigma=m.init_sigma, prior_sigma=m.prior_sigma, init_log_sigma=m.init_log_sigma,
+                        mu_init=m.mu_init, bn_weight_init=m.bn_weight_init)
     if m.init_from:
         path = init_weights_file(config, sweep_dir)
         state = torch.load(path, map_location="cpu", weights_only=True)

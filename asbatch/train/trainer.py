@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asbatch.adversarial import as_step
+from asbatch.adversarial import AscentMemory, as_step, reference_as_step
 from asbatch.bayes import noise_mode, sample_noise
 from asbatch.config import DataConfig, RunConfig
 from asbatch.data import DeviceLoader, loader_for
@@ -32,6 +32,7 @@ from asbatch.train.setup import (
     autocast_forward,
     build,
     code_version,
+    full_precision,
     lr_factor,
     make_accelerator,
     make_optimizer,
@@ -66,6 +67,7 @@ class Progress:
     epoch_seen: int = 0
     epoch_time_s: float = 0.0  # seconds spent on the current epoch, over all segments
     skipped_steps: int = 0      # fp16: optimizer steps the grad scaler skipped (inf / NaN gradients)
+    epoch_correct_adv: int = 0  # correct predictions of the adversarial pass (lambda > 0)
 
 
 @torch.no_grad()
@@ -129,12 +131,19 @@ class Trainer:
         adv = config.adversarial
         self.kl_weight = adv.kl_weight if adv.kl_weight is not None else 1.0 / (100 * self.train_loader.num_examples)
         self.eps_gen = torch.Generator(device=self.device).manual_seed(derived_seed(config.seed, self.rank))
+        # the reference variant's run-long eps-gradient accumulator: per rank, saved with the rank's state
+        reference = config.model.bayesian and adv.variant == "reference"
+        self.memory = AscentMemory.zeros_for(self.inner) if reference else None
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.prog = Progress()
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def has_adversarial_pass(self) -> bool:
+        return self.config.model.bayesian and self.config.adversarial.lam > 0
 
     def resume(self) -> None:
         """Continue from the newest valid checkpoint, if any."""
@@ -150,6 +159,8 @@ class Trainer:
         self.prog = Progress(**shared["progress"])
         if rank_state is not None:
             set_rng_state(rank_state, self.eps_gen)
+            if self.memory is not None:
+                self.memory.load_state_dict(rank_state["ascent_memory"])
         self.accelerator.print(f"resumed {self.run_dir.run_id} at epoch {self.prog.epoch} "
                                f"step {self.prog.step_in_epoch}")
 
@@ -160,7 +171,10 @@ class Trainer:
             shared = {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict(), "progress": asdict(self.prog),
                       "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        checkpoint.save(self.run_dir.checkpoints, self.prog.global_step, shared, rng_state(self.eps_gen), self.rank,
+        rank_state = rng_state(self.eps_gen)
+        if self.memory is not None:
+            rank_state["ascent_memory"] = self.memory.state_dict()
+        checkpoint.save(self.run_dir.checkpoints, self.prog.global_step, shared, rank_state, self.rank,
                         self.world, self.accelerator.wait_for_everyone, self.config.keep_checkpoints)
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -176,17 +190,26 @@ class Trainer:
         flags = self.accelerator.reduce(flags, reduction="sum").tolist()
         return flags[0] > 0, [r for r in range(self.world) if flags[1 + r] > 0]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step; returns (loss, logits) detached, and whether any rank asked to stop. The
-        forward runs under autocast (see `autocast_forward`); the backward passes inside as_step run outside
-        it, as they should. A non-finite loss on any rank stops every rank before the optimizer step."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """One optimizer step; returns (loss, logits of a posterior sample, logits of the adversarial pass or
+        None), detached, and whether any rank asked to stop. The forward runs under autocast (see
+        `autocast_forward`); the backward passes inside the AS step run outside it, as they should. A
+        non-finite loss on any rank stops every rank before the optimizer step."""
         acc, adv = self.accelerator, self.config.adversarial
+        adv_logits = None
         if self.config.model.bayesian:
             scale = self.scaler.get_scale() if self.scaler is not None else 1.0
-            out = as_step(self.model, x, y, lam=adv.lam, steps=adv.steps, alpha=adv.alpha,
-                          kl_weight=self.kl_weight, inner_model=self.inner, backward=self._backward,
-                          no_sync=lambda: acc.no_sync(self.model), loss_scale=scale, generator=self.eps_gen)
-            loss, logits = out.total, out.logits
+            fp32_inner = adv.inner_precision == "fp32" and autocast_dtype(self.config, self.device) is not None
+            kwargs = {"lam": adv.lam, "steps": adv.steps, "alpha": adv.alpha, "kl_weight": self.kl_weight,
+                      "inner_model": self.inner, "backward": self._backward, "loss_scale": scale,
+                      "no_sync": lambda: acc.no_sync(self.model), "generator": self.eps_gen,
+                      "inner_context": full_precision if fp32_inner else None}
+            if self.memory is not None:
+                out = reference_as_step(self.model, x, y, memory=self.memory, **kwargs)
+            else:
+                out = as_step(self.model, x, y, **kwargs)
+            loss, logits, adv_logits = out.total, out.pred_logits, out.adv_logits
         else:
             logits = self.model(x)
             loss = F.cross_entropy(logits, y)
@@ -210,7 +233,7 @@ class Trainer:
         with warnings.catch_warnings():  # the schedule follows the data position, skipped fp16 steps included
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
             self.scheduler.step()
-        return loss.detach(), logits.detach(), stop
+        return loss.detach(), logits.detach(), adv_logits, stop
 
     def _non_finite_message(self, ranks: list[int]) -> str:
         last = checkpoint.latest_step(self.run_dir.checkpoints)
@@ -239,10 +262,14 @@ class Trainer:
             self.save_checkpoint()
 
         self.model.train()
+        if self.config.optim.reset_each_epoch and prog.step_in_epoch == 0:
+            self.optimizer.state.clear()  # as a new optimizer (the reference re-creates Adam every epoch)
         for x, y in self.train_loader.epoch(prog.epoch, prog.step_in_epoch):
-            loss, logits, stop = self.step(x, y, should_stop is not None and should_stop())
+            loss, logits, adv_logits, stop = self.step(x, y, should_stop is not None and should_stop())
             loss_sum += loss
             prog.epoch_correct += int((logits.argmax(1) == y).sum())
+            if adv_logits is not None:
+                prog.epoch_correct_adv += int((adv_logits.argmax(1) == y).sum())
             prog.epoch_seen += len(y)
             prog.step_in_epoch += 1
             prog.global_step += 1
@@ -261,14 +288,16 @@ class Trainer:
         """The epoch's metrics row on rank 0 (None elsewhere; a collective, all ranks call it)."""
         prog = self.prog
         # every rank saw its own shard: sum loss, correct and seen over ranks (a collective on all ranks)
-        totals = torch.tensor([loss_sum, prog.epoch_correct, prog.epoch_seen], device=self.device,
-                              dtype=torch.float64)
-        loss_total, correct_total, seen_total = self.accelerator.reduce(totals, reduction="sum").tolist()
+        totals = torch.tensor([loss_sum, prog.epoch_correct, prog.epoch_seen, prog.epoch_correct_adv],
+                              device=self.device, dtype=torch.float64)
+        loss_total, correct_total, seen_total, correct_adv = self.accelerator.reduce(totals, reduction="sum").tolist()
         row = None
         if self.is_main:
             row = {"epoch": prog.epoch, "global_step": prog.global_step,
                    "train_loss": loss_total / (self.steps_per_epoch * self.world),
-                   "train_acc": correct_total / seen_total, "lr": self.scheduler.get_last_lr()[0],
+                   "train_acc": correct_total / seen_total,
+                   **({"train_acc_adv": correct_adv / seen_total} if self.has_adversarial_pass else {}),
+                   "lr": self.scheduler.get_last_lr()[0],
                    "images_per_s": seen_total / epoch_time if epoch_time > 0 else 0.0,
                    "step_time_s": epoch_time / self.steps_per_epoch,
                    **epoch_test_metrics(self.inner, self.test_loader, self.config.model.bayesian, prog.epoch)}
@@ -280,7 +309,7 @@ class Trainer:
         right after this checkpoint never re-runs the epoch, so its row must already be on disk."""
         prog = self.prog
         prog.epoch += 1
-        prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = 0
+        prog.step_in_epoch = prog.epoch_correct = prog.epoch_seen = prog.epoch_correct_adv = 0
         prog.epoch_loss_sum = prog.epoch_time_s = 0.0
         self.save_checkpoint()
         kill_point("epoch", prog.epoch)
@@ -307,6 +336,7 @@ class Trainer:
         if ev.ood is not None:
             ood_data = DataConfig(name=ev.ood, root=config.data.root, test_batch_size=config.data.test_batch_size)
             ood_loader = loader_for(ood_data, "test", seed=0, device=self.device)
+            ood_loader.mean, ood_loader.std = self.test_loader.mean, self.test_loader.std  # as the model's inputs
         evaluation = evaluate(self.inner, self.test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
                               score=ev.score, on_batch=interrupt_if_asked)
         atomic_write_bytes(self.run_dir.model_file, lambda f: torch.save(self.inner.state_dict(), f))

@@ -1,4 +1,4 @@
-"""Adversarial Sampling (Zhang et al., AAAI 2022, eq. 3-6): perturb the noise eps by sign-gradient ascent.
+"""The `paper` variant of the AS training step: the equations of Zhang et al. (AAAI 2022, eq. 3-6).
 
     eps_0 ~ N(0, 1);   eps_{k+1} = eps_k + alpha * sign(d L(eps_k) / d eps)   for k < N
     total = (1 - lambda) * L_pred(eps_0) + lambda * L_adv(eps_N) + kl_weight * KL(q || p)
@@ -6,9 +6,10 @@
 Since w = mu + sigma * eps and sigma > 0, sign(dL/deps) = sign(dL/dw): a step of alpha on eps is the paper's
 step of alpha * sigma on w (eq. 5), and ||eps_N - eps_0||_inf <= N * alpha (eq. 6).
 
-Differences from the reference code (AISIGSJTU/AS), on purpose:
-  - each step uses the CURRENT gradient; the reference lets eps.grad accumulate across steps (buffers never
-    zeroed), so its later steps follow the sum of past gradients;
+How this differs from the reference code (AISIGSJTU/AS; `asbatch.adversarial.reference` reproduces that):
+  - each step uses the CURRENT gradient; the reference never zeroes eps.grad during a run, so its steps
+    follow a run-long sum of gradients;
+  - L_pred is taken at eps_0, where the ascent starts; the KL is weighted by beta (the reference: (1 - lambda) beta);
   - inner passes take gradients w.r.t. eps only (`torch.autograd.grad`): no parameter .grad is touched;
   - inner passes leave BatchNorm running statistics alone (they still normalise with batch statistics);
   - inner passes run on the unwrapped module, so DDP does not all-reduce them.
@@ -26,11 +27,29 @@ from torch import nn
 
 from asbatch.bayes import frozen_bn_stats, kl_divergence, sample_noise, set_noise
 
+ContextFactory = Callable[[], contextlib.AbstractContextManager]
+
 
 def ascend(eps: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], alpha: float) -> list[torch.Tensor]:
     """One step eps + alpha * sign(grad), detached; NaN entries (fp16 overflow) and missing grads do not move."""
     return [(e + alpha * g.nan_to_num(nan=0.0).sign()).detach() if g is not None else e.detach()
             for e, g in zip(eps, grads, strict=True)]
+
+
+def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps0: Sequence[torch.Tensor], steps: int,
+            alpha: float, loss_scale: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """eps_N, and the logits of the first inner pass (at eps_0; None when steps = 0)."""
+    eps, first = [e.detach() for e in eps0], None
+    with frozen_bn_stats(model):
+        for _ in range(steps):
+            leaves = [e.clone().requires_grad_(True) for e in eps]
+            set_noise(model, leaves)
+            logits = model(x)
+            first = logits.detach() if first is None else first
+            grads = torch.autograd.grad(F.cross_entropy(logits, y) * loss_scale, leaves)
+            eps = ascend(leaves, grads, alpha)
+    set_noise(model, eps)
+    return eps, first
 
 
 def adversarial_noise(
@@ -51,27 +70,24 @@ def adversarial_noise(
     """
     if steps < 0 or alpha < 0:
         raise ValueError(f"steps and alpha must be >= 0, got steps={steps}, alpha={alpha}")
-    eps = [e.detach() for e in eps0]
-    with frozen_bn_stats(model):
-        for _ in range(steps):
-            leaves = [e.clone().requires_grad_(True) for e in eps]
-            set_noise(model, leaves)
-            loss = F.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss * loss_scale, leaves)
-            eps = ascend(leaves, grads, alpha)
-    set_noise(model, eps)
-    return eps
+    return _ascent(model, x, y, eps0, steps, alpha, loss_scale)[0]
 
 
 @dataclass
 class StepLosses:
-    """What one training step computed (detached). pred / adv are None where lambda skips them."""
+    """What one training step computed (detached). pred / adv are None where lambda skips them.
+
+    `pred_logits` come from a forward at a fresh posterior sample (the prediction pass, or a pass at eps_0
+    where lambda = 1 skips it): their accuracy is `train_acc`, comparable across lambda. `adv_logits` come
+    from the adversarial pass at eps_N (None for lambda = 0): their accuracy is `train_acc_adv`.
+    """
 
     total: torch.Tensor
     pred: torch.Tensor | None
     adv: torch.Tensor | None
     kl: torch.Tensor
-    logits: torch.Tensor  # of the last pass, for training accuracy
+    pred_logits: torch.Tensor
+    adv_logits: torch.Tensor | None
 
 
 def as_step(
@@ -85,9 +101,10 @@ def as_step(
     kl_weight: float,
     inner_model: nn.Module | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    no_sync: ContextFactory = contextlib.nullcontext,
     loss_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    inner_context: ContextFactory | None = None,
 ) -> StepLosses:
     """Forward + backward of one AS training step; leaves the mixed-loss gradient in the parameters' .grad.
 
@@ -95,6 +112,8 @@ def as_step(
     for the inner passes. The two outer passes are back-propagated one after the other (same gradient as the
     sum, one graph in memory at a time): the first inside `no_sync()` so DDP all-reduces once, at the second.
     Pass `backward=accelerator.backward` and `no_sync=lambda: accelerator.no_sync(model)` under Accelerate.
+    `inner_context`, if given, is entered around the inner ascent passes (e.g. full precision under bf16
+    autocast); the prediction pass, which runs outside it, then no longer provides the first direction.
 
     lambda = 0 is exactly a plain Bayes-by-backprop step: one forward, no inner passes. lambda = 1 skips L_pred.
     For 0 < lambda < 1 the prediction pass also provides the first ascent direction (eps_0 requires grad in
@@ -114,26 +133,38 @@ def as_step(
             ce = F.cross_entropy(logits, y)
             kl = kl_divergence(inner) if last else None
             backward(weight * ce + kl_weight * kl if last else weight * ce)
-        return ce, logits, kl
+        return ce, logits.detach(), kl
 
-    pred = adv = None
+    pred = adv = pred_logits = adv_logits = None
     start, ascent_steps = eps0, steps
     if lam < 1:
         # With eps_0 as leaves, the prediction pass's backward also yields dL/deps at eps_0 (the train-mode
         # forward normalises with batch statistics, as the inner passes do): the first ascent step for free.
-        reuse = lam > 0 and steps > 0
+        reuse = lam > 0 and steps > 0 and inner_context is None
         leaves = [e.clone().requires_grad_(True) for e in eps0] if reuse else eps0
-        pred, logits, kl = outer_pass(leaves, 1.0 - lam, last=lam == 0)
+        pred, pred_logits, kl = outer_pass(leaves, 1.0 - lam, last=lam == 0)
         if reuse:
             start, ascent_steps = ascend(eps0, [e.grad for e in leaves], alpha), steps - 1
     if lam > 0:
-        eps_adv = adversarial_noise(inner, x, y, start, ascent_steps, alpha, loss_scale)
-        adv, logits, kl = outer_pass(eps_adv, lam, last=True)
+        with inner_context() if inner_context is not None else contextlib.nullcontext():
+            eps_adv, first_logits = _ascent(inner, x, y, start, ascent_steps, alpha, loss_scale)
+        if pred_logits is None:  # lambda = 1: the training accuracy at eps_0, from the first inner pass
+            pred_logits = first_logits if first_logits is not None else _logits_at(inner, x, eps0)
+        adv, adv_logits, kl = outer_pass(eps_adv, lam, last=True)
     total = (0.0 if pred is None else (1.0 - lam) * pred) + (0.0 if adv is None else lam * adv) + kl_weight * kl
     return StepLosses(
         total=total.detach(),
         pred=None if pred is None else pred.detach(),
         adv=None if adv is None else adv.detach(),
         kl=kl.detach(),
-        logits=logits.detach(),
+        pred_logits=pred_logits,
+        adv_logits=adv_logits,
     )
+
+
+@torch.no_grad()
+def _logits_at(model: nn.Module, x: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
+    """A train-mode forward at `eps` that leaves BatchNorm running statistics alone."""
+    set_noise(model, eps)
+    with frozen_bn_stats(model):
+        return model(x)
