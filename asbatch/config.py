@@ -125,6 +125,9 @@ class RunConfig(Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["no", "fp16", "bf16"] = "no"
     cpu: bool = Field(False, description="force CPU even where a GPU exists")
+    deterministic: bool = Field(
+        False, description="deterministic GPU kernels (cuDNN / cuBLAS settings, torch.use_deterministic_algorithms): "
+                           "exact resume on GPUs too, at some speed; off: cudnn.benchmark picks the fastest kernels")
     checkpoint_every: int = Field(200, gt=0, le=10**9, description="also checkpoint every K optimizer steps")
     keep_checkpoints: int = Field(2, gt=0, le=1000)
     data: DataConfig = DataConfig()

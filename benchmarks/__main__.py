@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and samples (< 2 min)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
     parser.add_argument("--only", nargs="+", metavar="N", help="run only these rows (1-9)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="instead: the GPU smoke test and GPU rows (G1-G4; < 10 min on one H100)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine, 2 OpenMP threads slow down "
                              "~10x whenever another process takes a core, 1 thread only ~2x)")
@@ -136,11 +138,18 @@ def main(argv: list[str] | None = None) -> int:
                          else "glibc defaults (mallopt not available)")
     console.print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     start = time.perf_counter()
-    rows = run_all(args.quick, set(args.only) if args.only else None, console)
+    if args.gpu:
+        from benchmarks import gpu
+
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+        with console.status("GPU smoke test and rows ..."):
+            rows = gpu.run(args.quick)
+    else:
+        rows = run_all(args.quick, set(args.only) if args.only else None, console)
     wall = time.perf_counter() - start
     info["load average (1/5/15 min)"] += f" at start; {machine()['load average (1/5/15 min)']} at end"
     rows_text = ", rows " + " ".join(args.only) if args.only else ""
-    title = f"asbatch benchmarks ({'quick' if args.quick else 'full'}{rows_text})"
+    title = f"asbatch benchmarks ({'quick' if args.quick else 'full'}{rows_text}{', GPU' if args.gpu else ''})"
     console.print(rich_table(rows, f"{title}, {wall:.0f} s"))
     if args.markdown:
         args.markdown.write_text(markdown(rows, info, title, wall))

@@ -149,6 +149,7 @@ def run(quick: bool = False) -> list[Row]:
         ok, note, times[precision] = _as_steps(precision, steps)
         rows.append(Row(f"G1. AS steps under DDP (1 rank), {precision}", times[precision] * 1e3, "ms", "finite",
                         ok, note))
+    torch.distributed.destroy_process_group()  # train() below sets up its own (single-process) Accelerator
     with tempfile.TemporaryDirectory(prefix="asbatch-gpu-") as tmp:
         same, note = _resume_is_exact(Path(tmp))
     rows.append(Row("G2. stop + resume on the GPU, deterministic", None, "", "bitwise", same, note))

@@ -549,7 +549,7 @@ def test_resources_become_submitit_parameters(monkeypatch):
     monkeypatch.delenv("ASBATCH_SIGNAL_DELAY_S", raising=False)
     resources = Resources.model_validate({
         "partition": "gpu", "account": "proj", "qos": "high", "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8,
-        "mem_gb": 1.5, "time": "02:00:00", "constraint": "a100|h100", "array_parallelism": 8,
+        "mem_gb": 1.5, "time": "02:00:00", "constraint": "[a100|h100]", "array_parallelism": 8,
         "extra": {"exclusive": True, "mail-type": "END"}})
     stage = SweepStage("fine_tune", resources, ["pretrain"], [])
 
@@ -558,7 +558,8 @@ def test_resources_become_submitit_parameters(monkeypatch):
     assert params == {
         "name": "c100:fine_tune", "timeout_min": 120, "nodes": 2, "tasks_per_node": 4, "cpus_per_task": 8,
         "gpus_per_node": 4, "mem_gb": 1.5, "slurm_partition": "gpu", "slurm_account": "proj", "slurm_qos": "high",
-        "slurm_constraint": "a100|h100", "slurm_signal_delay_s": 90, "slurm_array_parallelism": 8,
+        "slurm_constraint": "[a100|h100]", "slurm_signal_delay_s": 90, "slurm_array_parallelism": 8,
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
         "slurm_additional_parameters": {"exclusive": True, "mail-type": "END", "dependency": "afterok:12"},
         "slurm_setup": ["export OMP_NUM_THREADS=8", "export NOTE='a b'"]}
 

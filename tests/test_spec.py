@@ -206,7 +206,7 @@ def test_shipped_profiles_are_valid():
     assert local.resources.gpus_per_node == 0 and local.resources.mem_gb == 1
     gpu = load_profile("example-gpu-cluster")
     assert (gpu.resources.gpus_per_node, gpu.resources.cpus_per_task, gpu.resources.timeout_min) == (4, 8, 1440)
-    assert gpu.resources.constraint == "a100|h100" and gpu.resources.mem_gb == 64
+    assert gpu.resources.constraint == "[a100|h100]" and gpu.resources.mem_gb == 64
 
 
 def test_profiles_from_env_dir_and_by_path(tmp_path, monkeypatch):

@@ -21,6 +21,9 @@ def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> No
     Finished runs are skipped, interrupted ones resume. Under torchrun / srun every process runs this
     command and the runs train with DDP.
     """
+    from asbatch.launch.task import export_distributed_env
+
+    export_distributed_env()  # `srun -n N asbatch run SPEC`: one DDP run of N ranks, not N rank-0 runs
     sweep, selected = load_sweep_or_exit(spec_path, stages, runs_root)  # before torch is imported
     _check_upstream_finished(spec_path, sweep, selected, runs_root)
     check_data_or_exit(sweep, selected)

@@ -92,16 +92,31 @@ def _master_address(host: str) -> str:
     return host
 
 
-def export_distributed_env() -> None:
-    """In a multi-task Slurm job, export what torch.distributed's env:// init (and Accelerate) read:
-    MASTER_ADDR (first host of the job), MASTER_PORT (20000-29999 from the job id), RANK, WORLD_SIZE,
-    LOCAL_RANK, LOCAL_WORLD_SIZE. A no-op in a single-task job."""
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 10000)
-    dist = submitit.helpers.TorchDistributedEnvironment()
-    dist.export(set_cuda_visible_devices=False, overwrite=True)  # each rank picks cuda:LOCAL_RANK
-    os.environ["MASTER_ADDR"] = _master_address(dist.master_addr)
+def export_distributed_env() -> bool:
+    """In a Slurm job step with several tasks (a submitted multi-task job, or `srun -n 4 asbatch run SPEC`),
+    export what torch.distributed's env:// init (and Accelerate) read: MASTER_ADDR (the step's first node),
+    MASTER_PORT (20000-29999 from the job and step ids), RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE.
+    Without it each of the step's processes would train alone, all racing on one run dir. A no-op where a
+    launcher (torchrun) already set RANK, in a single-task step, and in a batch script outside `srun` (which
+    has SLURM_NTASKS but runs one process). Returns whether it exported."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    if "RANK" in os.environ or tasks <= 1:
+        return False
+    step = int(os.environ.get("SLURM_STEP_ID") or 0)
+    nodes = max(1, int(os.environ.get("SLURM_STEP_NUM_NODES") or 1))
+    first = _first_node(os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", ""))
+    os.environ.update(MASTER_ADDR=_master_address(first),
+                      MASTER_PORT=str(20000 + (int(os.environ["SLURM_JOB_ID"]) + 1009 * step) % 10000),
+                      RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=str(tasks),
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"), LOCAL_WORLD_SIZE=str(tasks // nodes))
+    return True
+
+
+def _first_node(nodelist: str) -> str:
+    """The first host of a Slurm node list ('n[1-2]' -> 'n1'), as Slurm expands it."""
+    proc = run(["scontrol", "show", "hostnames", nodelist], timeout=30) if nodelist else None
+    names = proc.stdout.split() if proc is not None and proc.returncode == 0 else []
+    return names[0] if names else socket.gethostname()
 
 
 def _task_job_id() -> str | None:

@@ -31,6 +31,7 @@ _FLAG_FIELDS = {"partition": "partition", "account": "account", "qos": "qos", "n
                 "mem": "mem_gb", "time": "time", "constraint": "constraint", "array": "array_parallelism"}
 _SLURM_TOKEN = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*-]+")
 _EXTRA_VALUE = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*@%+=/-]*")  # '' = a bare flag such as --exclusive
+_PLAIN_OR = re.compile(r"\|(?![^\[]*\])")  # a '|' outside [...] (Slurm's matching OR)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,40}")
 _TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+):([0-5][0-9]):([0-5][0-9])")
@@ -243,9 +244,15 @@ class Resources(Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_way_to_ask_for_gpus(self) -> Resources:
-        if self.gpus_per_node and "gpu" in self.extra.get("gres", ""):
-            raise ValueError("ask for GPUs with gpus_per_node or with extra.gres, not both")
+    def _gpus_that_are_used(self) -> Resources:
+        gres = self.extra.get("gres", "")
+        if any(item.split(":")[0] == "gpu" for item in gres.split(",") if item):
+            raise ValueError(f"extra.gres asks for GPUs ({gres!r}): ask with gpus_per_node, which also starts one "
+                             "training process per GPU (a GPU gres gives one task that uses one of them)")
+        if self.nodes > 1 and self.constraint and _PLAIN_OR.search(self.constraint):
+            raise ValueError(f"constraint {self.constraint!r}: a plain OR lets the {self.nodes} nodes of one run "
+                             f"have different features (GPU models); write [{self.constraint}] so that all get "
+                             "the same one")
         return self
 
     def updated(self, other: Resources) -> Resources:

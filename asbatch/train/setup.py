@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -31,10 +32,46 @@ from asbatch.rundir import SweepDir, resolve_init_from
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cuda_index(visible: int, local_rank: int) -> int | None:
+    """The CUDA device (index among the visible ones) this process trains on: None when none is visible (CPU);
+    0 when the site binds one GPU per task (CUDA_VISIBLE_DEVICES holds one device, whatever LOCAL_RANK is);
+    else LOCAL_RANK, which must be one of the visible devices."""
+    if visible <= 0:
+        return None
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but only {visible} GPUs are visible to this task; ask Slurm for "
+                           "one GPU per task or for gpus_per_node = tasks per node")
+    return local_rank
+
+
+def bind_device() -> None:
+    """Point Accelerate (which takes cuda:LOCAL_RANK) at the device `cuda_index` chooses, before the first
+    Accelerator of the process is created."""
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        index = cuda_index(torch.cuda.device_count(), int(os.environ["LOCAL_RANK"]))
+        os.environ["LOCAL_RANK"] = str(index)
+
+
+def apply_determinism(config: RunConfig) -> None:
+    """`deterministic: true`: deterministic cuDNN / cuBLAS kernels and torch.use_deterministic_algorithms (an op
+    without a deterministic kernel raises). Off: cudnn.benchmark lets cuDNN pick the fastest kernels. CPU
+    kernels are deterministic either way. Process-wide settings, so each run sets them."""
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(config.deterministic)
+    torch.backends.cudnn.deterministic = config.deterministic
+    torch.backends.cudnn.benchmark = not config.deterministic and torch.cuda.is_available()
+
+
 def make_accelerator(config: RunConfig) -> Accelerator:
     """A plain Accelerator for this run. `cpu=True` on CPU-only hosts makes torchrun / srun give a real gloo
     group (without it each process would train alone)."""
     cpu = config.cpu or not torch.cuda.is_available()
+    apply_determinism(config)
+    if not cpu:
+        bind_device()
     try:
         return Accelerator(cpu=cpu, mixed_precision="no")
     except ValueError as err:  # the process already runs on a GPU and this run asks for the CPU
