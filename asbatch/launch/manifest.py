@@ -57,6 +57,7 @@ class SubmissionRecord(_Record):
     wandb_id: str
     submitted_at: str
     dependency: str | None = None  # this task's own `afterok:` on its upstream runs' tasks ('' none; None: unknown)
+    overrides: dict[str, Any] = Field(default_factory=dict)  # command-line overrides as spec paths (retry reapplies)
 
     @model_validator(mode="after")
     def _consistent(self) -> SubmissionRecord:
@@ -100,6 +101,7 @@ class Manifest:
     arrays: list[ArrayRecord] = field(default_factory=list)
     submissions: list[SubmissionRecord] = field(default_factory=list)
     submitted: list[StageSubmission] = field(default_factory=list)  # this call's arrays (not saved)
+    overrides: dict[str, Any] = field(default_factory=dict)  # this call's command-line overrides (saved per run)
     dry_run: bool = False
 
     @property
