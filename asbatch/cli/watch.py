@@ -18,7 +18,7 @@ from asbatch.cli.common import (
 from asbatch.cli.common import console as make_console
 from asbatch.names import duration
 
-ACC_NOTE = "acc %: ensembled, final evaluation; (x): last epoch's test accuracy (mean weights)"
+ACC_NOTE = "acc %: final ensembled accuracy; (x): last epoch's test accuracy (mean weights)"
 
 
 def _acc(r) -> str:

@@ -63,3 +63,24 @@ def run_log(run_dir: RunDir) -> Iterator[None]:
             sys.stdout.flush()
             sys.stderr.flush()
             sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def detached_output() -> Iterator[None]:
+    """While the block runs, this process's stdout / stderr file descriptors point to /dev/null, so a process
+    started inside (the local executor's controller, which outlives `asbatch submit`) does not inherit them:
+    `asbatch submit ... | tee` would otherwise wait for the whole sweep. The runs log into their run dirs."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(ValueError, OSError):
+            stream.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)

@@ -26,7 +26,7 @@ from asbatch.launch.errors import LaunchError
 from asbatch.launch.manifest import Manifest, SubmissionRecord
 from asbatch.launch.slurm import ACTIVE, NEVER_RUNS, RETRYABLE, query_slurm
 from asbatch.names import point_label
-from asbatch.rundir import RESULTS, RunDir, RunDirError, SweepDir
+from asbatch.rundir import RESULTS, RunDir, SweepDir
 
 INTERRUPTED = "INTERRUPTED"  # an in-process run (`asbatch run`, the debug executor) stopped before it finished
 NOT_A_POINT = ("sweep", "stage", "model.init_from")  # differ between runs without being a grid value
@@ -120,11 +120,7 @@ def _process_alive(run_dir: RunDir) -> bool:
 def _fill_progress(status: RunStatus, run_dir: RunDir) -> None:
     """Epochs done, last test accuracy, elapsed time and ETA from the run's metrics; the final accuracy and
     the training time from its results."""
-    try:
-        rows = run_dir.read_metrics()
-        results = run_dir.read_results()
-    except RunDirError:
-        return
+    rows, results = run_dir.read_metrics(), run_dir.read_results()  # damaged files: RunDirError names them
     if run_dir.metrics_file.exists():
         status.epochs_done = rows[-1]["epoch"] + 1 if rows else 0
     if rows:

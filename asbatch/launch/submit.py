@@ -35,6 +35,7 @@ import submitit
 
 from asbatch.launch.errors import LaunchError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord, now
+from asbatch.launch.runlog import detached_output
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
 from asbatch.launch.status import RunStatus, run_statuses, sweep_status
 from asbatch.launch.task import SequentialTask, TrainTask
@@ -315,7 +316,8 @@ def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: M
     ex = submitit.AutoExecutor(folder=sweep_dir.job_folder_of(kind), cluster=kind)
     first = next(p for p in plans if p.runs)
     ex.update_parameters(name=f"{sweep.name}:{first.name}", timeout_min=timeout)
-    job = ex.submit(SequentialTask(items))
+    with detached_output() if kind == "local" else contextlib.nullcontext():
+        job = ex.submit(SequentialTask(items))
     for plan in plans:
         if plan.runs:
             _record(manifest, plan, sweep_dir, [str(job.job_id)] * len(plan.runs), str(job.job_id))
