@@ -51,8 +51,8 @@ def resumed_text(facts: RunFacts, epochs: int) -> str:
             f"(global step {facts.global_step})")
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+def percent(value: float | None, decimals: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{decimals}f}%"
 
 
 def epoch_test_acc(row: dict[str, Any]) -> float | None:
@@ -91,7 +91,8 @@ class RunReport:
 
     def finished_before(self, results: dict[str, Any]) -> None:
         ev = results.get("evaluation", {})
-        self.line(f"{self.name}: finished earlier: ensemble {percent(ev.get('ensemble_accuracy'))} (not trained again)")
+        self.line(f"{self.name}: finished earlier: ensemble {percent(ev.get('ensemble_accuracy'), 2)} (not trained "
+                  "again)")
 
     def started(self, facts: RunFacts) -> None:
         if not self.enabled:
@@ -162,8 +163,8 @@ class RunReport:
         self.close()
         ev = results["evaluation"]
         took = time.time() - getattr(self, "_eval_started", time.time())
-        self.line(f"{self.run_id} done: ensemble {percent(ev['ensemble_accuracy'])}  lowest "
-                  f"{percent(ev['lowest_accuracy'])}  highest {percent(ev['highest_accuracy'])}  (train "
+        self.line(f"{self.run_id} done: ensemble {percent(ev['ensemble_accuracy'], 2)}  lowest "
+                  f"{percent(ev['lowest_accuracy'], 2)}  highest {percent(ev['highest_accuracy'], 2)}  (train "
                   f"{duration(results['timing']['train_time_s'])}, evaluation {duration(took)})")
 
     def close(self) -> None:
