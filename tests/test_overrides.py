@@ -112,3 +112,17 @@ def test_overrides_are_recorded_in_the_manifest_and_retry_applies_them_again(tmp
     results = json.loads((runs / "over" / record.run_id / "results.json").read_text())
     assert results["config"]["schedule"]["epochs"] == 2 and results["train"]["epochs"] == 2
     assert Manifest.load(runs / "over").submissions[-1].overrides == record.overrides
+
+
+def test_a_local_dry_run_says_what_will_run_in_which_order_and_writes_nothing(tmp_path):
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({"env": {"MY_API_KEY": "not-to-be-shown", "OMP_NUM_THREADS": "1"}}))
+    spec = write(tmp_path / "spec.yaml", {**SPEC, "profile": str(profile)})
+    result = invoke("submit", spec, "seed=[5]", "--executor", "local", "--dry-run", "--runs-root", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    ids = [r.run_id for r in load_sweep(spec, overrides={"grid.seed": [5]}).runs]
+    order = f"in one background process, one after another in stage order: {', '.join(ids)}"
+    assert order in result.output, result.output
+    assert "MY_API_KEY=*** OMP_NUM_THREADS=1" in result.output
+    assert "not-to-be-shown" not in result.output and "lam=0.8 seed=5" in result.output
+    assert not (tmp_path / "runs").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -21,6 +22,8 @@ from asbatch.cli.common import (
 )
 from asbatch.cli.common import console as make_console
 from asbatch.names import EXECUTORS, point_label
+
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)  # as in --dry-run's flags
 
 
 @main.command("submit", short_help="Submit a spec: one job array per stage; returns at once.")
@@ -116,7 +119,7 @@ def _print_dry_run(console, sweep, manifest) -> None:
     local = [run_id for sub in manifest.submitted if sub.executor != "slurm" for run_id in sub.run_ids]
     if local:
         where = "in one background process" if manifest.submitted[0].executor == "local" else "in this process"
-        env = " ".join(f"{k}={v}" for k, v in sweep.env.items()) or "none"
+        env = " ".join(f"{k}={'***' if SECRET_NAME.search(k) else v}" for k, v in sweep.env.items()) or "none"
         console.print(f"{where}, one after another in stage order: {', '.join(local)}; environment from the "
                       f"profile: {env}; each run's output in its run dir (asbatch logs RUN)", soft_wrap=True,
                       markup=False, highlight=False)

@@ -84,6 +84,8 @@ def _now() -> str:
 
 def where_stopped(prog: Progress, epochs: int, steps_per_epoch: int) -> str:
     """Where an interrupted run stopped, as people count (epochs and steps from 1)."""
+    if prog.global_step == 0:
+        return "the start (no step was taken)"
     if prog.epoch >= epochs:
         return f"the final evaluation (all {epochs} epochs are done)"
     if prog.step_in_epoch == 0:
