@@ -25,7 +25,7 @@ from typing import Any
 from asbatch.launch.errors import LaunchError
 from asbatch.launch.manifest import Manifest, SubmissionRecord
 from asbatch.launch.slurm import ACTIVE, NEVER_RUNS, RETRYABLE, query_slurm
-from asbatch.names import point_label
+from asbatch.names import point_label, sort_key
 from asbatch.rundir import RESULTS, RunDir, SweepDir
 
 INTERRUPTED = "INTERRUPTED"  # an in-process run (`asbatch run`, the debug executor) stopped before it finished
@@ -220,18 +220,23 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def fill_points(runs: list[RunStatus]) -> None:
+def fill_points(runs: list[RunStatus]) -> dict[str, tuple]:
     """Each run's grid point: the config keys in which the runs of its stage differ (a spec's grid axes,
-    plus anything edited or overridden between submissions)."""
+    plus anything edited or overridden between submissions); section keys (`adversarial.lam`) before
+    top-level ones (`seed`). Returns each run's point values, to sort runs by."""
     by_stage: dict[str, list[tuple[RunStatus, dict[str, Any]]]] = {}
     for run in runs:
         if run.config:
             by_stage.setdefault(run.stage, []).append((run, _flat(run.config)))
+    order: dict[str, tuple] = {}
     for members in by_stage.values():
         keys = list(dict.fromkeys(k for _, flat in members for k in flat))
         differ = [k for k in keys if k not in NOT_A_POINT and len({repr(f.get(k)) for _, f in members}) > 1]
+        differ.sort(key=lambda k: "." not in k)
         for run, flat in members:
             run.point = point_label({k: flat.get(k) for k in differ})
+            order[run.run_id] = tuple(sort_key("", flat.get(k)) for k in differ)
+    return order
 
 
 def run_statuses(manifest: Manifest) -> tuple[dict[str, RunStatus], str | None]:
@@ -278,12 +283,11 @@ def sweep_status(sweep_dir: str | Path | SweepDir) -> SweepStatus:
         name = manifest.sweep
     elif not sweep_dir.runs():
         raise LaunchError(f"{sweep_dir.path}: not a sweep (no manifest and no run dirs)")
-    for run_dir in sweep_dir.runs():
-        if run_dir.run_id not in statuses:
-            statuses[run_dir.run_id] = run_made_status(run_dir)
-    runs = list(statuses.values())
-    fill_points(runs)
-    return SweepStatus(name, sweep_dir.path, runs, note)
+    submitted = list(statuses.values())  # in the order they were submitted (the spec's order)
+    made = [run_made_status(d) for d in sweep_dir.runs() if d.run_id not in statuses]
+    order = fill_points([*submitted, *made])
+    made.sort(key=lambda r: (r.stage, order.get(r.run_id, ()), r.run_id))  # by grid point
+    return SweepStatus(name, sweep_dir.path, [*submitted, *made], note)
 
 
 def wait_for_sweep(sweep_dir: str | Path | SweepDir, poll_s: float = 10.0, timeout_s: float | None = None,
