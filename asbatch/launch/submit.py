@@ -355,7 +355,7 @@ def retry(sweep_dir: str | Path | SweepDir, executor: str | None = None) -> Mani
     sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
     manifest = Manifest.load(sweep_dir)
     status = sweep_status(sweep_dir)
-    todo = {r.run_id for r in status.runs if r.retryable}
+    todo = {r.run_id for r in status.runs if r.retryable and r.job_id}  # submitted runs (not `asbatch run`'s)
     if not manifest.spec:
         raise LaunchError(f"{manifest.path} does not name the spec it came from; run `asbatch submit SPEC`")
     kind = executor or (manifest.arrays[-1].executor if manifest.arrays else "auto")
