@@ -79,3 +79,36 @@ def derived_seed(seed: int, index: int) -> int:
 # ------------------------------------------------------------------------------------------------ executors
 
 EXECUTORS: tuple[str, ...] = ("auto", "slurm", "local", "debug")
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+def short_value(value: object) -> str:
+    """A config value as a person reads it: 0.8, 1e-05, true, [80, 140]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(short_value(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def point_label(point: dict[str, object]) -> str:
+    """A grid point as `lam=0.8 seed=1 model=resnet20`: each dotted key by its last part (`model.name` by
+    its section), the full key where two would read the same. '-' for no keys."""
+    def short(key: str) -> str:
+        parts = key.split(".")
+        return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+    names = [short(k) for k in point]
+    return " ".join(f"{name if names.count(name) == 1 else key}={short_value(value)}"
+                    for name, (key, value) in zip(names, point.items(), strict=True)) or "-"
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as h:mm:ss ('-' for unknown)."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -3,7 +3,8 @@
     <runs root>/<sweep>/                  SweepDir
         manifest.json                     what was submitted (asbatch.launch.manifest)
         .submit.lock                      serialises submit / retry / cancel of the sweep
-        .slurm/<job id>/                  submitit's files and the jobs' stdout / stderr
+        .slurm/<job id>/                  submitit's files and the jobs' stdout / stderr (Slurm)
+        .slurm/local/                     the same for the local executor's job (one process, all runs)
         report/                           `asbatch report`
         <run id>/                         RunDir
             config.yaml                   the resolved RunConfig (written when the run starts)
@@ -14,6 +15,8 @@
             wandb/ wandb.json             W&B files and what W&B holds / what was synced
             requeues.json                 the task's own requeues
             failure.json                  why the last attempt failed (removed when an attempt starts)
+            process.json                  pid and host of the process training it (removed when it stops)
+            stdout.log stderr.log         the run's own output under the local executor
             <figure>.png                  per-run figures logged to W&B
 
 Modelled on submitit's `JobPaths`: one object names every file; everyone else asks it.
@@ -99,6 +102,18 @@ class RunDir:
     def failure_file(self) -> Path:
         return self.path / "failure.json"
 
+    @property
+    def process_file(self) -> Path:
+        return self.path / "process.json"
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.path / "stdout.log"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.path / "stderr.log"
+
     def figure(self, name: str) -> Path:
         return self.path / f"{name}.png"
 
@@ -176,6 +191,22 @@ class RunDir:
     def clear_failure(self) -> None:
         self.failure_file.unlink(missing_ok=True)
 
+    def write_process(self, record: dict[str, Any]) -> None:
+        """Record which process trains the run now (`asbatch status` of a sweep run by `asbatch run`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.process_file, record)
+
+    def read_process(self) -> dict[str, Any] | None:
+        """The process record ({"pid", "host", ...}) while a process trains the run (or after it was killed)."""
+        try:
+            record = read_json(self.process_file) if self.process_file.is_file() else None
+        except RunDirError:
+            return None
+        return record if isinstance(record, dict) else None
+
+    def clear_process(self) -> None:
+        self.process_file.unlink(missing_ok=True)
+
 
 @dataclass(frozen=True)
 class SweepDir:
@@ -212,8 +243,16 @@ class SweepDir:
 
     @property
     def job_folder(self) -> Path:
-        """submitit's folder pattern: one dir per job (`%j` is the job id)."""
+        """submitit's folder pattern for Slurm jobs: one dir per job (`%j` is the job id)."""
         return self.log_dir / "%j"
+
+    @property
+    def local_job_folder(self) -> Path:
+        """submitit's folder for the local executor, whose controller would create a `%j` pattern literally."""
+        return self.log_dir / "local"
+
+    def job_folder_of(self, executor: str) -> Path:
+        return self.local_job_folder if executor == "local" else self.job_folder
 
     @property
     def report_dir(self) -> Path:
@@ -241,11 +280,14 @@ class SweepDir:
             return []
         return [RunDir(p) for p in sorted(self.path.iterdir()) if RunDir(p).looks_like_run()]
 
-    def job_logs(self, job_id: str, task: int = 0) -> tuple[Path, Path]:
+    def job_logs(self, job_id: str, task: int = 0, executor: str = "slurm") -> tuple[Path, Path]:
         """(stdout, stderr) that submitit writes for a job (`123_4`, `123` or a local pid) and task (rank)."""
         from submitit.core.utils import JobPaths
 
-        paths = JobPaths(self.job_folder, job_id=job_id, task_id=task)
+        folder = self.job_folder_of(executor)
+        paths = JobPaths(folder, job_id=job_id, task_id=task)
+        if executor == "local" and not paths.stdout.exists():  # submitted before `.slurm/local/` existed
+            paths = JobPaths(self.job_folder, job_id=job_id, task_id=task)
         return paths.stdout, paths.stderr
 
     @contextlib.contextmanager

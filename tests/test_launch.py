@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -415,7 +416,7 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
         history = job_history(jobs[kind])
         assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", (kind, history)
         log = (run_dir.parent / ".slurm" / jobs[kind] / f"{jobs[kind]}_0_log.out").read_text()
-        assert f"resumed {run_dir.name} at epoch" in log, log
+        assert re.search(rf"^{run_dir.name}: .* \| resumed (in|after) epoch ", log, re.M), log
     usr2 = json.loads((run_dirs["usr2"] / "requeues.json").read_text())
     assert usr2["count"] == 1, "the USR2'd task requeued itself once"
     assert not (run_dirs["requeue"] / "requeues.json").exists(), "on SIGTERM Slurm requeues, not the task"
@@ -468,7 +469,7 @@ def test_usr2_during_the_final_evaluation_requeues_and_the_task_redoes_only_the_
     history = job_history(job)
     assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
     log = (run_dir.parent / ".slurm" / job / f"{job}_0_log.out").read_text()
-    assert f"resumed {run_dir.name} at epoch 2 step 0" in log, log
+    assert "| resumed after all 2 epochs: final evaluation only |" in log, log
 
 
 @pytest.mark.slurm

@@ -120,30 +120,66 @@ def test_auto_mode_with_a_key_but_no_network_is_offline(monkeypatch):
     assert tracking.resolve_mode("auto") == "offline"
 
 
-def test_netrc_with_a_wandb_entry_counts_as_a_key(monkeypatch, tmp_path):
+def test_credentials_are_found_by_wandbs_own_lookup(monkeypatch, tmp_path):
+    from wandb.sdk.lib import wbauth
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    netrc = tmp_path / ".netrc"
-    netrc.write_text("machine api.wandb.ai\n  login user\n  password x\n")
-    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert not tracking.has_api_key()
+    host = tracking.wandb_run._wandb_host().url  # what `wandb login` writes now (not api.wandb.ai)
+    wbauth.write_netrc_auth(host=host, api_key=FAKE_KEY)
+    assert "api.wandb.ai" not in (tmp_path / ".netrc").read_text()
     assert tracking.has_api_key()
+    (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+    assert tracking.has_api_key(), "an older `wandb login` entry is still found by wandb"
+    (tmp_path / ".netrc").write_text(f"machine example.org\n  login user\n  password {FAKE_KEY}\n")
+    assert not tracking.has_api_key()
+    (tmp_path / ".netrc").write_text(f"machine {host.split('//')[1]}\n  login user\n  password x\n")
+    assert not tracking.has_api_key(), "a key W&B would refuse does not make `auto` online"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert tracking.has_api_key()
+
+
+def _auto_mode(**env: str) -> str:
+    code = "from asbatch.tracking import resolve_mode; print(resolve_mode('auto'))"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+
+
+def test_auto_mode_is_online_with_credentials_and_a_reachable_configured_server(tmp_path):
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        netrc = tmp_path / ".netrc"
+        netrc.write_text(f"machine 127.0.0.1:{port}\n  login user\n  password {FAKE_KEY}\n")
+        assert _auto_mode(WANDB_BASE_URL=url, WANDB_API_KEY=FAKE_KEY) == "online"
+        assert _auto_mode(WANDB_BASE_URL=url, NETRC=str(netrc)) == "online"
+        assert _auto_mode(WANDB_BASE_URL=url, NETRC=str(tmp_path / "none")) == "offline"
+    assert _auto_mode(WANDB_BASE_URL=url, WANDB_API_KEY=FAKE_KEY) == "offline", "the server is gone"
 
 
 def test_sync_uploads_segments_in_order_into_one_id_and_records_them(tmp_path, monkeypatch):
     """Stand-in for the W&B server (none can run here): `wandb sync` is replaced by a recorder, so this
-    checks the commands we issue and the bookkeeping, not the upload itself."""
+    checks the commands we issue and the bookkeeping, not the upload itself (the real `wandb sync` runs in
+    the failure tests below)."""
     run_dir = tmp_path / "run"
     for name in ("offline-run-20261125_100000-train-abc", "offline-run-20261125_090000-train-abc"):
         (run_dir / "wandb" / name).mkdir(parents=True)
     (run_dir / "wandb.json").write_text(json.dumps({"id": "train-abc", "project": "p", "entity": None,
                                                     "last_step": 8}))
     calls = []
-    monkeypatch.setattr(tracking_sync.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setattr(tracking_sync, "_run", lambda cmd, timeout_s: calls.append(cmd) or (0, "wandb: done"))
 
     assert tracking.sync_run(run_dir) == ["offline-run-20261125_090000-train-abc",
                                           "offline-run-20261125_100000-train-abc"]
     assert [c[-1].rsplit("/", 1)[-1] for c in calls] == ["offline-run-20261125_090000-train-abc",
                                                          "offline-run-20261125_100000-train-abc"]
-    assert "--append" not in calls[0] and "--append" in calls[1]
+    assert not any("--append" in c for c in calls), "wandb 0.31 has no --append: `--id` continues the run"
     assert all(c[c.index("--id") + 1] == "train-abc" for c in calls)
     assert tracking.sync_run(run_dir) == [], "synced segments are not uploaded twice"
 
@@ -179,3 +215,61 @@ def test_a_segment_file_is_read_back_record_by_record(tmp_path):
     assert records(path) == [b"abc", big]
     path.write_bytes(header)  # a segment whose service was killed before writing anything
     assert records(path) == []
+
+
+class _Server:
+    """A local stand-in for the W&B server: `blackhole` accepts connections and never answers; otherwise
+    every request gets HTTP 401 (a key the server does not know)."""
+
+    def __init__(self, blackhole: bool):
+        import http.server
+        import socket
+        import threading
+
+        if blackhole:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(64)
+            self.port, self.close = self.sock.getsockname()[1], self.sock.close
+            return
+
+        class Refuse(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b'{"errors": [{"message": "user is not logged in"}]}'
+                self.send_response(401)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.port = self.http.server_address[1]
+        self.close = lambda: (self.http.shutdown(), self.http.server_close())
+
+
+@pytest.mark.slow
+def test_sync_fails_in_one_line_on_a_refused_upload_and_on_a_server_that_never_answers(tmp_path):
+    assert run(tmp_path) == 0
+    (run_dir,) = (tmp_path / "runs" / "tracked").iterdir()
+    for blackhole in (False, True):
+        server = _Server(blackhole)
+        try:
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, "WANDB_API_KEY": FAKE_KEY,
+                   "WANDB_BASE_URL": f"http://127.0.0.1:{server.port}"}
+            proc = subprocess.run([sys.executable, "-m", "asbatch", "sync", "tracked", "--timeout", "10", "--runs-root",
+                                   str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=120)
+        finally:
+            server.close()
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stdout.startswith(f"[1/1] {run_dir.name}: segment 1/1 (offline-run-"), proc.stdout
+        (line,) = proc.stderr.strip().splitlines()
+        why = "did not finish within 10 s" if blackhole else "failed (exit 0): wandb: ERROR Failed to get resume status"
+        assert line.startswith("error: wandb sync of ") and why in line and "asbatch sync tracked` again" in line
+        assert FAKE_KEY not in proc.stdout + proc.stderr
+        assert json.loads((run_dir / "wandb.json").read_text()).get("synced", []) == [], "nothing was synced"

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from asbatch.cli.app import main
-from asbatch.cli.common import any_sweep_dir, fail, runs_root_option
+from asbatch.cli.common import any_sweep_dir, fail, runs_root_option, sweep_argument
 
 
-@main.command("table")
-@click.argument("sweep")
+@main.command("table", short_help="Print the paper's tables for a sweep (or one row per run).")
+@sweep_argument()
 @click.option("--source", type=click.Choice(["local", "wandb"]), default="local", show_default=True,
               help="read run dirs, or the W&B API (runs grouped by sweep)")
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv", "html"]), default="md", show_default=True)
@@ -39,8 +39,8 @@ def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, per
     click.echo(sweep_tables(records, fmt=fmt), nl=False)
 
 
-@main.command("report")
-@click.argument("sweep")
+@main.command("report", short_help="Write a sweep's report: tables and figures (and a W&B Report).")
+@sweep_argument()
 @click.option("--wandb/--no-wandb", "to_wandb", default=None,
               help="also save a W&B Report (default: when W&B is online, i.e. an API key and a route to it)")
 @runs_root_option
@@ -65,16 +65,17 @@ def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
     click.echo(report.save().url)
 
 
-@main.command("sync")
-@click.argument("sweep")
+@main.command("sync", short_help="Upload a sweep's offline W&B runs (from a login node).")
+@sweep_argument()
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, None), default=600.0, show_default=True,
+              help="seconds one `wandb sync` (one segment) may take")
 @runs_root_option
-def sync_command(sweep: str, runs_root: Path) -> None:
+def sync_command(sweep: str, timeout_s: float, runs_root: Path) -> None:
     """Upload a sweep's offline W&B runs (from a login node with internet); each run's segments are synced
-    in order into its one W&B id, and what was synced is recorded in each run dir."""
-    import subprocess
-
+    in order into its one W&B id, and what was synced is recorded in each run dir, so a rerun continues."""
     from asbatch.rundir import SweepDir, offline_segments
     from asbatch.tracking import sync_run
+    from asbatch.tracking.sync import SyncError
     from asbatch.tracking.wandb_run import has_api_key
 
     total = 0
@@ -82,12 +83,15 @@ def sync_command(sweep: str, runs_root: Path) -> None:
     if todo and not has_api_key():
         fail(f"no W&B API key (set WANDB_API_KEY or run `wandb login`); {len(todo)} run(s) with offline segments "
              "were not synced", 1)
-    for run_dir in todo:
+    for n, run_dir in enumerate(todo, 1):
+        def progress(name: str, i: int, count: int, run_dir=run_dir, n=n) -> None:
+            click.echo(f"[{n}/{len(todo)}] {run_dir.run_id}: segment {i}/{count} ({name}) ...")
+
         try:
-            done = sync_run(run_dir)
-        except (subprocess.CalledProcessError, OSError) as err:
-            fail(f"wandb sync failed for {run_dir.path} ({err}); what was synced before is recorded in "
-                 f"{run_dir.wandb_state_file}, run `asbatch sync {sweep}` again", 1)
+            done = sync_run(run_dir, timeout_s=timeout_s, on_segment=progress)
+        except (SyncError, OSError) as err:
+            fail(f"{err}; what was synced before is recorded in {run_dir.wandb_state_file}, run `asbatch sync "
+                 f"{sweep}` again", 1)
         total += len(done)
-        click.echo(f"{run_dir.run_id}: synced {len(done)} segment(s)")
+        click.echo(f"[{n}/{len(todo)}] {run_dir.run_id}: synced {len(done)} segment(s)")
     click.echo(f"{total} offline segment(s) synced")

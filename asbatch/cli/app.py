@@ -79,4 +79,8 @@ def main() -> None:
     """Train Bayesian neural networks with Adversarial Sampling on Slurm, locally or on a laptop.
 
     Errors are one `error:` line; exit code 2 means bad input (nothing was submitted or written), 1 a failure
-    at run time. Set ASBATCH_DEBUG=1 to see the traceback."""
+    at run time. Set ASBATCH_DEBUG=1 to see the traceback.
+
+    Shell completion of commands, options, sweep names and run ids (bash; zsh_source / fish_source for zsh /
+    fish): eval "$(_ASBATCH_COMPLETE=bash_source asbatch)".
+    """

@@ -62,20 +62,25 @@ def make_runs_root(runs_root: Path) -> None:
         error_line(f"cannot create the runs root {str(runs_root)!r}: {err.strerror or err}", 1)
 
 
-def load_sweep_or_exit(path: Path, stages: tuple[str, ...] = (), runs_root: Path | None = None):
-    """Expand a spec (or a one-run config), check --stage, `init_from` files and the runs root. Bad input:
-    one message naming the file, the field and the value, exit 2. Returns (sweep, selected stages)."""
+def load_sweep_or_exit(path: Path, stages: tuple[str, ...] = (), runs_root: Path | None = None,
+                       overrides: tuple[str, ...] = ()):
+    """Expand a spec (or a one-run config) with the command line's `key=value` overrides, check --stage,
+    `init_from` files and the runs root. Bad input: one message naming the file, the field and the value (and
+    the override that set it), exit 2. Returns (sweep, selected stages, the overrides as spec paths)."""
+    from asbatch.cli.overrides import name_the_argument, spec_overrides
     from asbatch.spec import SpecError, load_sweep
 
+    origin: dict[str, str] = {}
     try:
         if runs_root is not None:
             checked_runs_root(runs_root)
-        sweep = load_sweep(path, runs_root=runs_root)
+        mapped, origin = spec_overrides(path, overrides)
+        sweep = load_sweep(path, overrides=mapped, runs_root=runs_root)
         selected = sweep.select_stages(stages)
         check_init_files(sweep, path)
-        return sweep, selected
+        return sweep, selected, mapped
     except (SpecError, BadInput) as err:
-        error_line(str(err), 2)
+        error_line(name_the_argument(str(err), origin), 2)
 
 
 def check_init_files(sweep, spec_path: Path) -> None:
@@ -162,6 +167,63 @@ def any_sweep_dir(runs_root: Path, sweep: str) -> Path:
 
 
 def console():
+    """A console as wide as the terminal (80 columns off a terminal, or $COLUMNS): tables fit, never wrap."""
     from rich.console import Console
 
-    return Console(width=max(Console().width, 120))
+    return Console()
+
+
+# ------------------------------------------------------------------------------- arguments and completion
+
+def spec_argument(metavar: str = "SPEC"):
+    return click.argument("spec_path", metavar=metavar, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+
+
+overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+
+
+def _runs_root_of(ctx: click.Context) -> Path:
+    return Path(ctx.params.get("runs_root") or os.environ.get(RUNS_ENV) or "runs")
+
+
+def complete_sweeps(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion: the sweeps under the runs root (--runs-root if typed before, else $ASBATCH_RUNS or ./runs)."""
+    from asbatch.rundir import list_sweeps
+
+    return [d.name for d in list_sweeps(_runs_root_of(ctx)) if d.name.startswith(incomplete)]
+
+
+def complete_runs(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion: the run ids of every sweep under the runs root."""
+    from asbatch.rundir import list_sweeps
+
+    ids = {i for d in list_sweeps(_runs_root_of(ctx)) for i in [*_submitted(d), *(r.run_id for r in d.runs())]}
+    return sorted(i for i in ids if i.startswith(incomplete))
+
+
+def _submitted(sweep_dir) -> list[str]:
+    from asbatch.rundir import RunDirError
+
+    try:
+        return sweep_dir.submitted_run_ids()
+    except RunDirError:
+        return []
+
+
+def sweep_argument(required: bool = True):
+    return click.argument("sweep", required=required, shell_complete=complete_sweeps)
+
+
+def fit_table(table, width: int, droppable: list[str]):
+    """The rich table without its `droppable` columns (by header, in this order) while it is wider than
+    `width`: a table never wraps into broken boxes on a narrow terminal. Returns the headers dropped."""
+    from rich.console import Console
+
+    measure = Console(width=10_000)
+    dropped = []
+    for header in droppable:
+        if measure.measure(table).maximum <= width:
+            break
+        table.columns = [c for c in table.columns if c.header != header]
+        dropped.append(header)
+    return dropped

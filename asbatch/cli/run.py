@@ -1,49 +1,130 @@
-"""`asbatch run`: train every run of a spec (or one run's config) in this process."""
+"""`asbatch run`: train every run of a spec (or one run's config) in this process, stoppable with Ctrl-C."""
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 
 import click
 
 from asbatch.cli.app import error_line, main
-from asbatch.cli.common import check_data_or_exit, load_sweep_or_exit, make_runs_root, runs_root_option
+from asbatch.cli.common import (
+    check_data_or_exit,
+    load_sweep_or_exit,
+    make_runs_root,
+    overrides_argument,
+    runs_root_option,
+    spec_argument,
+)
+
+INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 
-@main.command("run")
-@click.argument("spec_path", metavar="CONFIG_OR_SPEC", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+class CtrlC:
+    """The first SIGINT asks training to stop after the current step (every rank saves a checkpoint); the
+    second ends the process at once (the newest complete checkpoint is kept: they are written atomically)."""
+
+    def __init__(self, speak: bool) -> None:
+        self.count, self.speak = 0, speak
+
+    def install(self) -> CtrlC:
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.count > 1:
+            if self.speak:
+                print("\nCtrl-C again: stopped at once; the run resumes from its newest checkpoint", file=sys.stderr,
+                      flush=True)
+            os._exit(INTERRUPTED)
+        if self.speak:
+            print("\nCtrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again stops at once)",
+                  file=sys.stderr, flush=True)
+
+    def is_set(self) -> bool:
+        return self.count > 0
+
+
+@main.command("run", short_help="Train a spec's runs in this process (Ctrl-C stops, rerun resumes).")
+@spec_argument("CONFIG_OR_SPEC")
+@overrides_argument
 @runs_root_option
 @click.option("--stage", "stages", multiple=True, help="only these stages (default: all, in order)")
-def run_command(spec_path: Path, runs_root: Path, stages: tuple[str, ...]) -> None:
-    """Run every run of a spec (or one run's config) in this process, stage by stage.
+def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, stages: tuple[str, ...]) -> None:
+    """Train every run of a spec (or one run's config) in this process, stage by stage.
 
-    Finished runs are skipped, interrupted ones resume. Under torchrun / srun every process runs this
-    command and the runs train with DDP.
+    OVERRIDES are KEY=VALUE with a dotted RunConfig path: `schedule.epochs=2` sets it for every run,
+    `adversarial.lam=[0,0.8]` sets a grid axis; they are part of the runs' configs and ids. Finished runs
+    are skipped, interrupted ones resume. Ctrl-C stops after the current step with a checkpoint (exit 130;
+    run the same command to resume); a second Ctrl-C stops at once. The profile's env (e.g. OMP_NUM_THREADS)
+    applies here as in a submitted job, so `run` and `submit` give the same results. Under torchrun / srun
+    every process runs this command and the runs train with DDP.
     """
     from asbatch.launch.task import export_distributed_env
 
     export_distributed_env()  # `srun -n N asbatch run SPEC`: one DDP run of N ranks, not N rank-0 runs
-    sweep, selected = load_sweep_or_exit(spec_path, stages, runs_root)  # before torch is imported
+    sweep, selected, _ = load_sweep_or_exit(spec_path, stages, runs_root, overrides)  # before torch is imported
     _check_upstream_finished(spec_path, sweep, selected, runs_root)
     check_data_or_exit(sweep, selected)
+    from asbatch.launch.environment import apply_profile_env
+
+    apply_profile_env(sweep.env)  # as the job script / the local task does, before torch is imported
     make_runs_root(runs_root)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    runs = [run for stage in selected for run in stage.runs]
+    if main_rank:
+        given = f" with {' '.join(overrides)}" if overrides else ""
+        click.echo(f"{sweep.name}: {len(runs)} run{'s' if len(runs) != 1 else ''} in "
+                   f"{', '.join(s.name for s in selected)}{given} -> {runs_root / sweep.name}; Ctrl-C stops after the "
+                   "current step")
+    stop = CtrlC(speak=main_rank).install()
+    from asbatch.names import point_label
+    from asbatch.train import TrainingInterrupted, train
+
+    results = []
+    for run in runs:
+        if stop.is_set():
+            _interrupted(f"{sweep.name}: interrupted before run {run.run_id}")
+        try:
+            results.append(train(run.config, runs_root / sweep.name / run.run_id, should_stop=stop.is_set,
+                                 label=point_label(run.point)))
+        except TrainingInterrupted as err:
+            _interrupted(f"{run.run_id} interrupted at {err.where}; checkpoint saved")
+    if main_rank:
+        _print_table(sweep.name, results)
+
+
+def _interrupted(what: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"{what}; run the same command to resume", err=True)
+    sys.exit(INTERRUPTED)
+
+
+def _print_table(sweep: str, results: list[dict]) -> None:
+    from rich import box
     from rich.console import Console
 
     from asbatch.analysis import record_from_results, run_table
     from asbatch.analysis.effect import as_effect_lines
-    from asbatch.train import train
+    from asbatch.cli.common import fit_table
 
-    results = []
-    for stage in selected:
-        for run in stage.runs:
-            results.append(train(run.config, runs_root / sweep.name / run.run_id, progress_bar=True))
-    if int(os.environ.get("RANK", "0")) == 0:
-        bayesian = [r for r in results if r["config"]["model"]["bayesian"]]
-        console = Console(width=max(Console().width, 130))
-        console.print(run_table(bayesian, title=f"{sweep.name}: Bayesian runs (accuracy in %)"))
-        for line in as_effect_lines(record_from_results(r) for r in bayesian):
-            console.print(line, highlight=False, soft_wrap=True)
+    bayesian = [r for r in results if r["config"]["model"]["bayesian"]]
+    if not bayesian:
+        return
+    console = Console()
+    table = run_table(bayesian, title=f"{sweep}: Bayesian runs (accuracy in %)")
+    table.box, table.title_justify, table.show_edge = box.SIMPLE_HEAD, "left", False
+    kept = [c.header for c in table.columns if str(c.header).endswith("kept")]
+    dropped = fit_table(table, console.width, [*reversed(kept), "model", "seed"])
+    console.print(table)
+    if dropped:
+        console.print(f"(not shown, the terminal is {console.width} columns wide: {', '.join(dropped)}; "
+                      f"`asbatch table {sweep}` has them all)", style="dim")
+    for line in as_effect_lines(record_from_results(r) for r in bayesian):  # what the table says, in one line
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _check_upstream_finished(spec_path: Path, sweep, selected, runs_root: Path) -> None:

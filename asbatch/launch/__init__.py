@@ -10,7 +10,7 @@
 
 from asbatch.launch.errors import DamagedStateError, LaunchError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord
-from asbatch.launch.status import RunStatus, SweepStatus, sweep_status
+from asbatch.launch.status import RunStatus, SweepStatus, sweep_status, wait_for_sweep
 from asbatch.launch.submit import StageSubmission, cancel, resolve_executor, retry, submit
 from asbatch.launch.task import MAX_REQUEUES, SequentialTask, TrainTask, export_distributed_env
 
@@ -32,4 +32,5 @@ __all__ = [
            "retry",
            "submit",
            "sweep_status",
+           "wait_for_sweep",
 ]

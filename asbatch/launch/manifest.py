@@ -59,6 +59,7 @@ class SubmissionRecord(_Record):
     submitted_at: str
     # this task's own `afterok:` on its upstream runs' tasks ('' none; None: not recorded, older manifests)
     dependency: str | None = Field(None, pattern=rf"{DEPENDENCY}|^$")
+    overrides: dict[str, Any] = Field(default_factory=dict)  # command-line overrides as spec paths (retry reapplies)
 
     @model_validator(mode="after")
     def _consistent(self) -> SubmissionRecord:
@@ -102,6 +103,7 @@ class Manifest:
     arrays: list[ArrayRecord] = field(default_factory=list)
     submissions: list[SubmissionRecord] = field(default_factory=list)
     submitted: list[StageSubmission] = field(default_factory=list)  # this call's arrays (not saved)
+    overrides: dict[str, Any] = field(default_factory=dict)  # this call's command-line overrides (saved per run)
     dry_run: bool = False
 
     @property

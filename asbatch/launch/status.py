@@ -1,8 +1,13 @@
-"""The state of every submitted run: the run dir first (finished = COMPLETED), then Slurm or the process.
+"""The state of every run of a sweep: the run dir first (finished = COMPLETED), then Slurm or the process.
 
-A finished run (its results written) is COMPLETED even where Slurm has forgotten its job. Otherwise the state comes from
-squeue (live jobs and pending reasons) or sacct (final states); a local executor's run from its process.
-A pending task whose array waits (`afterok`) on a failed job can never start: it is recognised at once.
+A finished run (its results written) is COMPLETED even where Slurm has forgotten its job. Otherwise the state
+comes from squeue (live jobs and pending reasons) or sacct (final states); a local executor's run from its
+process. A pending task whose array waits (`afterok`) on a failed job can never start: it is recognised at
+once. Runs trained by `asbatch run` (run dirs the manifest does not list, or a sweep without a manifest)
+are RUNNING while the process recorded in the run dir lives, FAILED with a failure record, else INTERRUPTED.
+A run that stopped without a failure record was stopped from outside (cancel, Ctrl-C, a kill): CANCELLED /
+INTERRUPTED, never FAILED. Each run also gets its grid point (the config keys in which the runs of its stage
+differ), epochs done, elapsed training time, an ETA while it runs and its final ensembled accuracy.
 """
 
 from __future__ import annotations
@@ -10,12 +15,21 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from asbatch.launch.errors import LaunchError
 from asbatch.launch.manifest import Manifest, SubmissionRecord
 from asbatch.launch.slurm import ACTIVE, NEVER_RUNS, RETRYABLE, query_slurm
+from asbatch.names import point_label, sort_key
 from asbatch.rundir import RESULTS, RunDir, SweepDir
+
+INTERRUPTED = "INTERRUPTED"  # an in-process run (`asbatch run`, the debug executor) stopped before it finished
+NOT_A_POINT = ("sweep", "stage", "model.init_from")  # differ between runs without being a grid value
 
 
 @dataclass
@@ -31,8 +45,13 @@ class RunStatus:
     slurm_source: str | None = None  # squeue (live jobs, pending reasons) or sacct (final states)
     epochs_done: int | None = None
     epochs: int | None = None
-    test_acc: float | None = None
+    test_acc: float | None = None    # the last epoch's test accuracy (mean weights for a Bayesian net)
     run_dir: str | None = None
+    point: str = "-"                 # the grid point: `lam=0.8 seed=1`
+    elapsed_s: float | None = None   # training time so far (every segment), or of the whole run once done
+    eta_s: float | None = None       # while running: epochs left x mean epoch time (the evaluation not counted)
+    final_acc: float | None = None   # once done: the ensembled accuracy of the final S-sample evaluation
+    config: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -49,7 +68,7 @@ class RunStatus:
 
     @property
     def retryable(self) -> bool:
-        return not self.finished and (self.state in RETRYABLE or self.blocked)
+        return not self.finished and (self.state in RETRYABLE or self.state == INTERRUPTED or self.blocked)
 
 
 @dataclass
@@ -82,23 +101,57 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _progress(run_dir: RunDir) -> tuple[int | None, float | None]:
-    """(epochs done, last test accuracy) from the run's metrics."""
-    if not run_dir.metrics_file.exists():
-        return None, None
-    rows = run_dir.read_metrics()
-    if not rows:
-        return 0, None
-    last = rows[-1]
-    return last["epoch"] + 1, last.get("test_acc_mean", last.get("test_acc"))
+def _process_alive(run_dir: RunDir) -> bool:
+    """Whether the process recorded in the run dir (by `train`) still trains it: same host, same pid, same
+    start time (a reused pid is not it)."""
+    import psutil
+
+    record = run_dir.read_process()
+    if not record or record.get("host") != socket.gethostname():
+        return False
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        same = record.get("create_time") is None or abs(proc.create_time() - float(record["create_time"])) < 1
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def _fill_progress(status: RunStatus, run_dir: RunDir) -> None:
+    """Epochs done, last test accuracy, elapsed time and ETA from the run's metrics; the final accuracy and
+    the training time from its results."""
+    rows, results = run_dir.read_metrics(), run_dir.read_results()  # damaged files: RunDirError names them
+    if run_dir.metrics_file.exists():
+        status.epochs_done = rows[-1]["epoch"] + 1 if rows else 0
+    if rows:
+        status.test_acc = rows[-1].get("test_acc_mean", rows[-1].get("test_acc"))
+        steps = rows[0]["global_step"] / (rows[0]["epoch"] + 1)  # steps per epoch
+        epoch_times = [row.get("step_time_s", 0.0) * steps for row in rows]
+        status.elapsed_s = sum(epoch_times)
+    if results:
+        status.final_acc = results.get("evaluation", {}).get("ensemble_accuracy")
+        status.elapsed_s = results.get("timing", {}).get("train_time_s", status.elapsed_s)
+        return
+    if status.state == "RUNNING" and run_dir.is_started():
+        last = run_dir.metrics_file if rows else run_dir.config_file
+        since = max(0.0, time.time() - last.stat().st_mtime)
+        status.elapsed_s = (status.elapsed_s or 0.0) + since
+        if rows and status.epochs:
+            left = status.epochs - len(rows)
+            status.eta_s = max(0.0, sum(epoch_times) / len(rows) * left - since) if left > 0 else 0.0
+
+
+def _stopped_state(status: RunStatus, run_dir: RunDir, stopped: str, reason: str) -> None:
+    """A run whose process ended before it finished: FAILED where it recorded a failure, else `stopped`."""
+    failure = run_dir.read_failure()
+    status.state, status.reason = ("FAILED", failure) if failure else (stopped, reason)
 
 
 def _status_of(record: SubmissionRecord, live: dict, final: dict) -> RunStatus:
     run_dir = RunDir(record.run_dir)
     status = RunStatus(run_id=record.run_id, stage=record.stage, state="UNKNOWN", job_id=record.job_id,
                        executor=record.executor, run_dir=str(run_dir.path),
-                       epochs=record.config["schedule"]["epochs"])
-    status.epochs_done, status.test_acc = _progress(run_dir)
+                       epochs=record.config["schedule"]["epochs"], config=record.config)
     job = record.job_id
     if status.executor == "slurm":
         sq, sa = live.get(job), final.get(job)
@@ -113,20 +166,77 @@ def _status_of(record: SubmissionRecord, live: dict, final: dict) -> RunStatus:
         alive = job.isdigit() and _pid_alive(int(job))
         started = run_dir.is_started()
         status.source = "process"
-        if alive:
-            status.state = "RUNNING" if started else "PENDING"
+        if alive:  # the job's process trains the runs one by one: this one now, or later
+            status.state = "RUNNING" if _process_alive(run_dir) else "PENDING"
+        elif started:
+            _stopped_state(status, run_dir, "CANCELLED", "the process ended before the run finished (cancelled "
+                           "or killed); `asbatch retry` resumes it")
         else:
-            status.state = "FAILED" if started else "CANCELLED"
-            status.reason = "process ended; the run did not finish" + ("" if started else " (never started)")
+            status.state, status.reason = "CANCELLED", "the process ended before the run started"
     else:  # debug: ran in the submitting process
-        status.state, status.source = "FAILED", "process"
+        status.source = "process"
+        _in_process_state(status, run_dir)
     if run_dir.is_finished():
         status.state, status.source, status.reason = "COMPLETED", "run dir", ""
     elif status.state == "COMPLETED":  # the job ended well but the run has no results: treat as failed
         status.state, status.reason = "FAILED", f"job completed but the run has no {run_dir.results_file.name}"
     if status.state == "FAILED" and (failure := run_dir.read_failure()):
         status.reason = failure
+    _fill_progress(status, run_dir)
     return status
+
+
+def _in_process_state(status: RunStatus, run_dir: RunDir) -> None:
+    if _process_alive(run_dir):
+        status.state = "RUNNING"
+    else:
+        _stopped_state(status, run_dir, INTERRUPTED, "stopped before it finished (Ctrl-C or killed); the same "
+                       "`asbatch run` command resumes it")
+
+
+def run_made_status(run_dir: RunDir) -> RunStatus:
+    """The status of a run trained in-process by `asbatch run` (no manifest record): from its run dir only."""
+    try:
+        config = run_dir.read_config() or {}
+    except (OSError, ValueError):
+        config = {}
+    status = RunStatus(run_id=run_dir.run_id, stage=str(config.get("stage", run_dir.run_id.rsplit("-", 1)[0])),
+                       state="COMPLETED", executor="run", run_dir=str(run_dir.path), source="run dir",
+                       epochs=(config.get("schedule") or {}).get("epochs"), config=config or None)
+    if not run_dir.is_finished():
+        status.source = "process"
+        _in_process_state(status, run_dir)
+    _fill_progress(status, run_dir)
+    return status
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def fill_points(runs: list[RunStatus]) -> dict[str, tuple]:
+    """Each run's grid point: the config keys in which the runs of its stage differ (a spec's grid axes,
+    plus anything edited or overridden between submissions); section keys (`adversarial.lam`) before
+    top-level ones (`seed`). Returns each run's point values, to sort runs by."""
+    by_stage: dict[str, list[tuple[RunStatus, dict[str, Any]]]] = {}
+    for run in runs:
+        if run.config:
+            by_stage.setdefault(run.stage, []).append((run, _flat(run.config)))
+    order: dict[str, tuple] = {}
+    for members in by_stage.values():
+        keys = list(dict.fromkeys(k for _, flat in members for k in flat))
+        differ = [k for k in keys if k not in NOT_A_POINT and len({repr(f.get(k)) for _, f in members}) > 1]
+        differ.sort(key=lambda k: "." not in k)
+        for run, flat in members:
+            run.point = point_label({k: flat.get(k) for k in differ})
+            order[run.run_id] = tuple(sort_key("", flat.get(k)) for k in differ)
+    return order
 
 
 def run_statuses(manifest: Manifest) -> tuple[dict[str, RunStatus], str | None]:
@@ -162,7 +272,38 @@ def run_statuses(manifest: Manifest) -> tuple[dict[str, RunStatus], str | None]:
 
 
 def sweep_status(sweep_dir: str | Path | SweepDir) -> SweepStatus:
-    """Every submitted run's state (see the module docstring); epochs and test accuracy from the run dirs."""
-    manifest = Manifest.load(sweep_dir)
-    statuses, note = run_statuses(manifest)
-    return SweepStatus(manifest.sweep, manifest.sweep_dir.path, list(statuses.values()), note)
+    """Every run's state (see the module docstring): the submitted runs, then the run dirs the manifest does
+    not list (trained by `asbatch run`); a sweep without a manifest has only those."""
+    sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
+    statuses: dict[str, RunStatus] = {}
+    note, name = None, sweep_dir.name
+    if sweep_dir.is_submitted():
+        manifest = Manifest.load(sweep_dir)
+        statuses, note = run_statuses(manifest)
+        name = manifest.sweep
+    elif not sweep_dir.runs():
+        raise LaunchError(f"{sweep_dir.path}: not a sweep (no manifest and no run dirs)")
+    submitted = list(statuses.values())  # in the order they were submitted (the spec's order)
+    made = [run_made_status(d) for d in sweep_dir.runs() if d.run_id not in statuses]
+    order = fill_points([*submitted, *made])
+    made.sort(key=lambda r: (r.stage, order.get(r.run_id, ()), r.run_id))  # by grid point
+    return SweepStatus(name, sweep_dir.path, [*submitted, *made], note)
+
+
+def wait_for_sweep(sweep_dir: str | Path | SweepDir, poll_s: float = 10.0, timeout_s: float | None = None,
+                   on_poll: Callable[[SweepStatus], None] | None = None) -> SweepStatus:
+    """Block until no run of the sweep is queued or running (runs behind a failed upstream run count as
+    done: they never start); returns the final status. `on_poll` sees every status read; past `timeout_s`
+    a LaunchError says what is still active."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = sweep_status(sweep_dir)
+        if on_poll is not None:
+            on_poll(status)
+        active = [r for r in status.runs if r.active]
+        if not active:
+            return status
+        if deadline is not None and time.monotonic() >= deadline:
+            raise LaunchError(f"{status.sweep}: {len(active)} run(s) still queued or running after {timeout_s:g} s "
+                              f"({', '.join(f'{r.run_id} {r.state}' for r in active[:5])})")
+        time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))

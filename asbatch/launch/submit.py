@@ -35,10 +35,11 @@ import submitit
 
 from asbatch.launch.errors import LaunchError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord, now
+from asbatch.launch.runlog import detached_output
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
 from asbatch.launch.status import RunStatus, run_statuses, sweep_status
 from asbatch.launch.task import SequentialTask, TrainTask
-from asbatch.names import EXECUTORS
+from asbatch.names import EXECUTORS, point_label
 from asbatch.rundir import SweepDir
 from asbatch.spec import SpecError, Sweep, SweepRun, SweepStage
 from asbatch.spec.loading import CONTROL
@@ -192,11 +193,14 @@ def _describe(plan: StageSubmission, sweep: Sweep, dependency: str | None) -> No
 
 
 def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: Sequence[str] | None = None,
-           dry_run: bool = False, spec_path: str | Path | None = None, only: set[str] | None = None) -> Manifest:
+           dry_run: bool = False, spec_path: str | Path | None = None, only: set[str] | None = None,
+           overrides: dict[str, Any] | None = None) -> Manifest:
     """Submit every run of `sweep` that has not finished and is not queued: one job array per stage, each
     after (`afterok`) the arrays of its upstream runs. Returns at once with the updated manifest; its
     `submitted` lists the arrays of this call. `dry_run` plans and returns without submitting or writing.
-    `only` restricts the submission to these run ids (what `retry` uses). Unknown `stages` are a SpecError."""
+    `only` restricts the submission to these run ids (what `retry` uses). `overrides` (the spec paths the
+    sweep was loaded with, `load_sweep(path, overrides=...)`) are recorded with each run, for `retry`.
+    Unknown `stages` are a SpecError."""
     kind = resolve_executor(executor)
     selected = sweep.select_stages(stages)
     sweep_dir = SweepDir.at(Path(runs_root).resolve(), sweep.name)
@@ -207,6 +211,7 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
         return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True)
     with sweep_dir.lock():
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
+        manifest.overrides = dict(overrides or {})
         return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
 
 
@@ -253,7 +258,8 @@ def _record(manifest: Manifest, plan: StageSubmission, sweep_dir: SweepDir, job_
         manifest.submissions.append(SubmissionRecord(
             run_id=run_.run_id, stage=plan.name, executor=plan.executor, job_id=job_id, array_job_id=array_id,
             config=run_.config.to_dict(), upstream=run_.upstream, run_dir=str(sweep_dir.run(run_.run_id).path),
-            wandb_id=run_.run_id, submitted_at=at, dependency=plan.run_dependencies.get(run_.run_id)))
+            wandb_id=run_.run_id, submitted_at=at, dependency=plan.run_dependencies.get(run_.run_id),
+            overrides=manifest.overrides))
 
 
 def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: list[StageSubmission],
@@ -274,8 +280,8 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             _describe(plan, sweep, own if single else corresponding or _dependency(plan, arrays))
             ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster="slurm")
             ex.update_parameters(**plan.parameters)
-            tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir))
-                     for r in plan.runs]
+            tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir),
+                               label=point_label(r.point)) for r in plan.runs]
             with ex.batch():
                 jobs = [ex.submit(task) for task in tasks]
             job_ids = [job.job_id for job in jobs]
@@ -301,15 +307,17 @@ def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: M
     items = []
     for plan in plans:
         for run_ in plan.runs:
-            task = TrainTask(run_.config.to_dict(), sweep_dir.run(run_.run_id).path, env=sweep.env)
+            task = TrainTask(run_.config.to_dict(), sweep_dir.run(run_.run_id).path, env=sweep.env,
+                             label=point_label(run_.point))
             items.append((task, _upstream_dirs(run_, sweep_dir)))
     for plan in plans:
         _describe(plan, sweep, None)
     timeout = sum(p.stage.resources.timeout_min * len(p.runs) for p in plans)
-    ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster=kind)
+    ex = submitit.AutoExecutor(folder=sweep_dir.job_folder_of(kind), cluster=kind)
     first = next(p for p in plans if p.runs)
     ex.update_parameters(name=f"{sweep.name}:{first.name}", timeout_min=timeout)
-    job = ex.submit(SequentialTask(items))
+    with detached_output() if kind == "local" else contextlib.nullcontext():
+        job = ex.submit(SequentialTask(items))
     for plan in plans:
         if plan.runs:
             _record(manifest, plan, sweep_dir, [str(job.job_id)] * len(plan.runs), str(job.job_id))
@@ -347,21 +355,31 @@ def retry(sweep_dir: str | Path | SweepDir, executor: str | None = None) -> Mani
     sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
     manifest = Manifest.load(sweep_dir)
     status = sweep_status(sweep_dir)
-    todo = {r.run_id for r in status.runs if r.retryable}
+    todo = {r.run_id for r in status.runs if r.retryable and r.job_id}  # submitted runs (not `asbatch run`'s)
     if not manifest.spec:
         raise LaunchError(f"{manifest.path} does not name the spec it came from; run `asbatch submit SPEC`")
-    try:
-        sweep = load_sweep(manifest.spec)
-    except (SpecError, OSError) as err:
-        raise LaunchError(f"retry needs the sweep's spec {manifest.spec}: {err}") from None
-    if sweep.name != manifest.sweep:
-        raise LaunchError(f"{manifest.spec} is now sweep {sweep.name!r}, not {manifest.sweep!r}")
-    gone = todo - {r.run_id for r in sweep.runs}
-    if gone:
-        raise LaunchError(f"runs {', '.join(sorted(gone))} are no longer in {manifest.spec} (edited since "
-                          "submission?); submit the spec instead")
     kind = executor or (manifest.arrays[-1].executor if manifest.arrays else "auto")
     if not todo:
         manifest.submitted = []
         return manifest
-    return submit(sweep, sweep_dir.runs_root, executor=kind, spec_path=manifest.spec, only=todo)
+    groups: dict[str, tuple[dict[str, Any], set[str]]] = {}  # each run again with its own overrides
+    for run_id, record in manifest.latest().items():
+        if run_id in todo:
+            groups.setdefault(repr(sorted(record.overrides.items())), (record.overrides, set()))[1].add(run_id)
+    submitted: list[StageSubmission] = []
+    for overrides, run_ids in groups.values():
+        try:
+            sweep = load_sweep(manifest.spec, overrides=overrides)
+        except (SpecError, OSError) as err:
+            raise LaunchError(f"retry needs the sweep's spec {manifest.spec}: {err}") from None
+        if sweep.name != manifest.sweep:
+            raise LaunchError(f"{manifest.spec} is now sweep {sweep.name!r}, not {manifest.sweep!r}")
+        gone = run_ids - {r.run_id for r in sweep.runs}
+        if gone:
+            raise LaunchError(f"runs {', '.join(sorted(gone))} are no longer in {manifest.spec} (edited since "
+                              "submission?); submit the spec instead")
+        manifest = submit(sweep, sweep_dir.runs_root, executor=kind, spec_path=manifest.spec, only=run_ids,
+                          overrides=overrides)
+        submitted += manifest.submitted
+    manifest.submitted = submitted
+    return manifest

@@ -28,7 +28,9 @@ from typing import Any
 
 import submitit
 
+from asbatch.launch.environment import apply_profile_env
 from asbatch.launch.manifest import now
+from asbatch.launch.runlog import run_log
 from asbatch.launch.slurm import run
 from asbatch.rundir import RunDir
 
@@ -166,10 +168,11 @@ class TrainTask:
     """
 
     def __init__(self, config: dict[str, Any], run_dir: str | Path, env: dict[str, str] | None = None,
-                 upstream: list[str] | None = None):
+                 upstream: list[str] | None = None, label: str | None = None):
         self.config = config
         self.run_dir = str(run_dir)
-        self.env = dict(env or {})  # only set where the job script did not export it (local / debug)
+        self.env = dict(env or {})  # only given where no job script exports it (local / debug)
+        self.label = label          # the run's grid point, for its progress lines
         self.upstream = list(upstream or [])  # run dirs of the runs this one runs after
 
     def __call__(self) -> dict[str, Any]:
@@ -180,8 +183,7 @@ class TrainTask:
             RunDir(self.run_dir).write_failure(f"RuntimeError: {message}")
             raise RuntimeError(message)
         stop = StopRequest().install([signal.SIGUSR2, signal.SIGTERM])
-        for key, value in self.env.items():
-            os.environ.setdefault(key, value)
+        apply_profile_env(self.env)
         export_distributed_env()
         from asbatch.config import RunConfig
         from asbatch.train import TrainingInterrupted, train
@@ -189,7 +191,7 @@ class TrainTask:
         config = RunConfig.model_validate(self.config)
         in_job = os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
         try:
-            return train(config, self.run_dir, should_stop=stop.is_set)
+            return train(config, self.run_dir, should_stop=stop.is_set, label=getattr(self, "label", None))
         except TrainingInterrupted as err:
             name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
             warned = stop.signum == signal.SIGUSR2
@@ -234,12 +236,13 @@ class SequentialTask:
             if missing:
                 outcome[name] = f"not run: upstream {', '.join(Path(m).name for m in missing)} did not finish"
                 continue
-            try:
-                task()
-                outcome[name] = "COMPLETED"
-            except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
-                traceback.print_exc()
-                outcome[name] = f"FAILED: {type(err).__name__}: {err}"
+            with run_log(RunDir(task.run_dir)):  # each run's output in its own dir too (`asbatch logs`)
+                try:
+                    task()
+                    outcome[name] = "COMPLETED"
+                except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
+                    traceback.print_exc()
+                    outcome[name] = f"FAILED: {type(err).__name__}: {err}"
         print(json.dumps(outcome, indent=1), flush=True)
         failed = {k: v for k, v in outcome.items() if v != "COMPLETED"}
         if failed:

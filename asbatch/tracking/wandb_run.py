@@ -30,16 +30,40 @@ from asbatch.tracking.keys import flatten_evaluation
 from asbatch.tracking.offline import Segment, read_finished_segment, read_segment
 
 
+def _wandb_host():
+    """The W&B server wandb talks to (its settings: WANDB_BASE_URL, the settings files, else its default)."""
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    return wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+
+
 def has_api_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def can_reach(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
+    """Whether wandb finds credentials for its server by its own lookup, as `wandb.init` does: WANDB_API_KEY,
+    an identity-token file, the netrc entry `wandb login` wrote (for whichever host name this wandb uses), the
+    settings files. Offline: nothing is sent, nothing is prompted, the session is left as it was."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        from wandb.sdk.lib import wbauth
+
+        auth = wbauth.authenticate_session(host=_wandb_host(), source="asbatch", prompt=False, verify=False,
+                                           update_session=False)
+        return auth is not None
+    except ImportError:  # a wandb without this API: the environment is all that can be checked
+        return bool(os.environ.get("WANDB_API_KEY"))
+    except Exception:  # noqa: BLE001 - malformed credentials: W&B would refuse them; run offline
+        return False
+
+
+def can_reach(host: str | None = None, port: int | None = None, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the W&B server (default: the one wandb is configured for) opens."""
+    if host is None:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(_wandb_host().url)
+        host, port = url.hostname or "", port or url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port or 443), timeout=timeout):
             return True
     except OSError:
         return False

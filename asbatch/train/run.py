@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from asbatch.config import RunConfig
 from asbatch.fsutil import atomic_write_bytes
 from asbatch.rundir import RunDir
 from asbatch.tracking import Tracker, complete_tracking
-from asbatch.train.trainer import Trainer, TrainingInterrupted
+from asbatch.train.progress import RunFacts, RunReport
+from asbatch.train.trainer import Progress, Trainer, TrainingInterrupted
 
 
 class MetricsLog:
@@ -33,63 +38,102 @@ class MetricsLog:
 def train(
     config: RunConfig,
     run_dir: str | Path | RunDir,
-    progress_bar: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    label: str | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the results dict also written to the run dir.
 
     `should_stop` (e.g. "a USR2 arrived") is polled after every optimizer step, after every epoch and during
     the final evaluation; the ranks agree on it (an all-reduce), all save a checkpoint at that same step (or
-    keep the epoch-end one), and `TrainingInterrupted` is raised. The results are written last, after W&B
-    finished the run; a finished run is not trained again, but W&B is completed if it was not.
+    keep the epoch-end one), and `TrainingInterrupted` is raised (its `where` says where, for people). The
+    results are written last, after W&B finished the run; a finished run is not trained again, but W&B is
+    completed if it was not. Rank 0 reports progress (`asbatch.train.progress`; `label`: the run's grid point,
+    e.g. `lam=0.8 seed=1`) unless `quiet`.
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     main = int(os.environ.get("RANK", "0")) == 0
+    report = RunReport(run_dir.run_id, label, config.schedule.epochs, enabled=main and not quiet)
     if run_dir.is_finished():  # finished: never re-run
         results = run_dir.read_results()
         if main:
             complete_tracking(config, run_dir, results)
+        report.finished_before(results)
         return results
     if main:
         run_dir.clear_failure()
+        run_dir.write_process({"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+                               "create_time": psutil.Process().create_time()})  # tells a reused pid apart
     try:
-        return _train(config, run_dir, progress_bar, should_stop)
+        return _train(config, run_dir, report, should_stop)
     except TrainingInterrupted:
         raise
     except Exception as err:
         if main:  # for `asbatch status`: why this attempt failed
             run_dir.write_failure(f"{type(err).__name__}: {err}")
         raise
+    finally:
+        report.close()
+        if main:
+            run_dir.clear_process()
 
 
-def _train(config: RunConfig, run_dir: RunDir, progress_bar: bool, should_stop: Callable[[], bool] | None,
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def where_stopped(prog: Progress, epochs: int, steps_per_epoch: int) -> str:
+    """Where an interrupted run stopped, as people count (epochs and steps from 1)."""
+    if prog.global_step == 0:
+        return "the start (no step was taken)"
+    if prog.epoch >= epochs:
+        return f"the final evaluation (all {epochs} epochs are done)"
+    if prog.step_in_epoch == 0:
+        return f"epoch {prog.epoch} step {steps_per_epoch} (the end of epoch {prog.epoch}/{epochs})"
+    return f"epoch {prog.epoch + 1} step {prog.step_in_epoch} (of {epochs} epochs x {steps_per_epoch} steps)"
+
+
+def _facts(trainer: Trainer) -> RunFacts:
+    import torch
+
+    prog = trainer.prog
+    return RunFacts(parameters=sum(p.numel() for p in trainer.inner.parameters() if p.requires_grad),
+                    model=("Bayesian " if trainer.config.model.bayesian else "") + trainer.config.model.name,
+                    device=str(trainer.device), precision=trainer.precision_ran, world_size=trainer.world,
+                    threads=torch.get_num_threads() if trainer.device.type == "cpu" else None,
+                    steps_per_epoch=trainer.steps_per_epoch, epoch=prog.epoch, step_in_epoch=prog.step_in_epoch,
+                    global_step=prog.global_step)
+
+
+def _train(config: RunConfig, run_dir: RunDir, report: RunReport, should_stop: Callable[[], bool] | None,
            ) -> dict[str, Any]:
     wall_start = time.time()
     trainer = Trainer(config, run_dir)
     trainer.resume()
     prog, main = trainer.prog, trainer.is_main
     metrics = MetricsLog(run_dir, prog.epoch) if main else None
-    bar = None
-    if progress_bar and main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.schedule.epochs * trainer.steps_per_epoch, initial=prog.global_step,
-                   desc=run_dir.run_id, unit="step", leave=False, disable=None)  # no bar off a terminal
-    # the W&B run is closed (as failed) if anything below raises, so a requeued segment can continue it
-    with Tracker(config, run_dir, enabled=main) as tracker:
-        tracker.catch_up(run_dir.read_metrics() if main else [])  # what W&B lost of earlier segments
-        while trainer.prog.epoch < config.schedule.epochs:
-            row = trainer.epoch_metrics(*trainer.run_epoch(should_stop, bar))
-            if row is not None:
-                metrics.append(row)
-                tracker.log_epoch(row, step=row["global_step"])
-            trainer.finish_epoch()
-            trainer.stop_if_asked(should_stop)
-        if bar is not None:
-            bar.close()
-        results = trainer.results(wall_start, should_stop)
-        if main:
-            tracker.complete(results)
-            run_dir.write_results(results)
+    report.started(_facts(trainer))
+    try:
+        # the W&B run is closed (as failed) if anything below raises, so a requeued segment can continue it
+        with Tracker(config, run_dir, enabled=main) as tracker:
+            tracker.catch_up(run_dir.read_metrics() if main else [])  # what W&B lost of earlier segments
+            while trainer.prog.epoch < config.schedule.epochs:
+                row = trainer.epoch_metrics(*trainer.run_epoch(should_stop, report))
+                if row is not None:
+                    metrics.append(row)
+                    tracker.log_epoch(row, step=row["global_step"])
+                    report.epoch(row, trainer.prog.train_time_s, trainer.steps_per_epoch)
+                trainer.finish_epoch()
+                trainer.stop_if_asked(should_stop)
+            samples = config.eval.num_samples if config.model.bayesian else 1
+            total = samples * len(trainer.test_loader) if config.eval.ood is None else None
+            results = trainer.results(wall_start, report.evaluation(samples, total, should_stop))
+            if main:
+                tracker.complete(results)
+                run_dir.write_results(results)
+    except TrainingInterrupted as err:
+        err.where = where_stopped(trainer.prog, config.schedule.epochs, trainer.steps_per_epoch)
+        raise
     trainer.accelerator.wait_for_everyone()
+    report.done(results)
     return results if main else run_dir.read_results()

@@ -52,6 +52,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped at global step {step} after saving a checkpoint; rerun to resume")
         self.step = step
+        self.where = f"global step {step}"  # `train` says it in epochs and steps
 
 
 @dataclass
@@ -161,8 +162,6 @@ class Trainer:
             set_rng_state(rank_state, self.eps_gen)
             if self.memory is not None:
                 self.memory.load_state_dict(rank_state["ascent_memory"])
-        self.accelerator.print(f"resumed {self.run_dir.run_id} at epoch {self.prog.epoch} "
-                               f"step {self.prog.step_in_epoch}")
 
     def save_checkpoint(self) -> None:
         """Collective: rank 0 saves the shared state, every rank its RNG states."""

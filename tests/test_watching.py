@@ -1,0 +1,204 @@
+"""Watching and steering runs as a user does, with real processes and real signals: progress lines in a piped
+run and a bar on a terminal; Ctrl-C (SIGINT) saves a checkpoint, exits 130 and the re-run resumes to the
+results of an uninterrupted run; `asbatch run` and `asbatch submit` give bitwise the same results; the local
+executor's per-run logs; status of a sweep made by `asbatch run`; `asbatch wait`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+TIMING_FIELDS = {"images_per_s", "step_time_s"}
+DEFAULTS = {"cpu": True, "checkpoint_every": 4,
+            "data": {"name": "digits", "batch_size": 64, "test_batch_size": 360, "train_subset": 320},
+            "model": {"name": "mlp", "width": 32, "init_sigma": 0.01}, "optim": {"lr": 0.003},
+            "schedule": {"name": "cosine", "epochs": 2}, "adversarial": {"steps": 2, "alpha": 0.02},
+            "eval": {"num_samples": 3}}
+
+
+def write_spec(path: Path, sweep: str, epochs: int = 2, lams=(0.0, 0.8)) -> Path:
+    spec = {"sweep": sweep, "profile": "local", "defaults": {**DEFAULTS, "schedule": {"name": "cosine",
+                                                                                      "epochs": epochs}},
+            "grid": {"adversarial.lam": list(lams)}}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "COLUMNS", "ASBATCH_FAULT")}
+    return {**out, "WANDB_MODE": "disabled", **extra}
+
+
+def asbatch(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asbatch", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=kw.pop("env", env()), **kw)
+
+
+def outcome(run_dir: Path) -> tuple[dict, list]:
+    """results.json without its timing block, metrics.jsonl without its timing fields."""
+    results = json.loads((run_dir / "results.json").read_text())
+    results.pop("timing")
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+               for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return results, metrics
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.name.startswith("train-"))
+
+
+def test_a_piped_run_prints_flushed_lines_and_ctrl_c_saves_exits_130_and_the_rerun_resumes_exactly(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", "sigint", epochs=12, lams=(0.8,))
+    reference = asbatch("run", spec, "--runs-root", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+
+    cmd = [sys.executable, "-m", "asbatch", "run", str(spec), "--runs-root", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    lines = []
+    for line in proc.stdout:  # a pipe: one line per epoch, each flushed as the epoch ends
+        lines.append(line)
+        if " epoch 1/12 " in line:
+            assert proc.poll() is None, "the first epoch's line must arrive while the run trains"
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    (run_dir,) = run_dirs(tmp_path / "runs" / "sigint")
+    assert re.search(rf"{run_dir.name} interrupted at epoch \d+ step \d+ .*; run the same command to resume", err), err
+    assert "Traceback" not in err
+    assert re.match(rf"{run_dir.name} \(lam=0.8\): Bayesian mlp, [\d,]+ parameters \| cpu fp32, 1 thread \| world size "
+                    r"1 \| fresh \| 12 epochs x 5 steps", lines[1]), lines
+    assert re.match(rf"{run_dir.name} epoch 1/12  loss [\d.]+  acc [\d.]+%  test [\d.]+%  [\d,]+ img/s  elapsed "
+                    r"\d:\d\d:\d\d  ETA \d:\d\d:\d\d$", lines[2].rstrip()), lines
+    assert list((run_dir / "checkpoints").glob("step-*")) and not (run_dir / "results.json").exists()
+    status = asbatch("status", "sigint", "--runs-root", tmp_path / "runs")
+    assert re.search(rf"{run_dir.name} .* INTERRUPTED \*", status.stdout), status.stdout
+
+    again = asbatch("run", spec, "--runs-root", tmp_path / "runs")
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"\| resumed (in|after) epoch \d+/12", again.stdout), again.stdout
+    assert f"{run_dir.name} done: ensemble" in again.stdout
+    assert outcome(run_dir) == outcome(run_dirs(tmp_path / "reference" / "sigint")[0])
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    config = tmp_path / "heavy.yaml"  # one step of seconds: the second Ctrl-C comes while the step still runs
+    config.write_text(yaml.safe_dump({**DEFAULTS, "sweep": "twice", "model": {"name": "mlp", "width": 2048},
+                                      "data": {**DEFAULTS["data"], "batch_size": 1024, "train_subset": 1024},
+                                      "adversarial": {"lam": 0.8, "steps": 10}, "schedule": {"epochs": 5}}))
+    cmd = [sys.executable, "-m", "asbatch", "run", str(config), "--runs-root", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    for line in proc.stdout:
+        if " fresh " in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    first = ""
+    while "Ctrl-C: stopping after the current step" not in first:
+        first = proc.stderr.readline()
+        assert first, "the first Ctrl-C must be acknowledged"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Ctrl-C again: stopped at once" in err and "interrupted at" not in err and "Traceback" not in err
+
+
+def test_a_terminal_gets_a_bar_per_run_that_stays_and_an_evaluation_bar(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", "tty", epochs=2, lams=(0.0,))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `asbatch run` on a (pseudo) terminal 100 columns wide
+        os.execve(sys.executable, [sys.executable, "-m", "asbatch", "run", str(spec), "--runs-root",  # noqa: S606
+                                   str(tmp_path / "runs")], env(COLUMNS="100", TERM="xterm"))
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 120)
+        assert ready, "no output for 120 s"
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    screen = [line for chunk in text.split("\n") for line in chunk.split("\r") if line.strip()]
+    bars = [line for line in screen if "━" in line]
+    assert any(line.startswith("lam=0 ") and "epoch 2/2  loss" in line for line in bars), text[-2000:]
+    assert any(line.startswith("final evaluation") and "3 weight samples" in line for line in bars)
+    assert not any(" epoch 1/2  loss" in line and "img/s" in line for line in screen), "no epoch lines on a terminal"
+    last_bar = max(i for i, line in enumerate(screen) if "━" in line)
+    done = next(i for i, line in enumerate(screen) if " done: ensemble " in line)
+    assert done > last_bar, "the bars stay on screen above the final line"
+
+
+def test_run_and_a_local_submit_give_the_same_results_and_each_run_has_its_own_log(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", "same")
+    ran = asbatch("run", spec, "--runs-root", tmp_path / "run")  # OMP_NUM_THREADS unset: the profile's 1 applies
+    assert ran.returncode == 0, ran.stderr
+    submitted = asbatch("submit", spec, "--executor", "local", "--runs-root", tmp_path / "sub")
+    assert submitted.returncode == 0, submitted.stderr
+    waited = asbatch("wait", "same", "--poll", "0.5", "--runs-root", tmp_path / "sub")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "same: all 2 runs completed" in waited.stdout and "same: 2/2 done" in waited.stdout
+
+    a, b = run_dirs(tmp_path / "run" / "same"), run_dirs(tmp_path / "sub" / "same")
+    assert [d.name for d in a] == [d.name for d in b] and len(a) == 2
+    for mine, theirs in zip(a, b, strict=True):
+        assert outcome(mine) == outcome(theirs), f"{mine.name}: run and submit differ"
+    assert ran.stdout.count(", 1 thread |") == 2
+
+    for run_dir in b:  # `asbatch logs RUN` shows that run's training, and only that run's
+        other = next(d.name for d in b if d != run_dir)
+        logs = asbatch("logs", run_dir.name, "--runs-root", tmp_path / "sub")
+        assert logs.returncode == 0, logs.stderr
+        assert ", 1 thread |" in logs.stdout and f"{run_dir.name} epoch 2/2  loss" in logs.stdout
+        assert f"{run_dir.name} done: ensemble" in logs.stdout and other not in logs.stdout
+    assert sorted(p.name for p in (tmp_path / "sub" / "same" / ".slurm").iterdir()) == ["local"], "no literal %j dir"
+
+
+def test_status_of_a_sweep_made_by_run_fits_80_and_120_columns(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", "made")
+    assert asbatch("run", spec, "--runs-root", tmp_path / "runs").returncode == 0
+    results = {d.name: json.loads((d / "results.json").read_text()) for d in run_dirs(tmp_path / "runs" / "made")}
+    for width in (80, 120):
+        out = asbatch("status", "made", "--runs-root", tmp_path / "runs", env=env(COLUMNS=str(width))).stdout
+        assert max(len(line) for line in out.splitlines()) <= width, out
+        for run_id, r in results.items():
+            lam = f"lam={r['config']['adversarial']['lam']:g}"
+            acc = f"{100 * r['evaluation']['ensemble_accuracy']:.2f}"
+            assert re.search(rf"{run_id} +{lam} +COMPLETED +2/2 +\d:\d\d:\d\d +- +{acc}", out), out
+    listing = asbatch("status", "--runs-root", tmp_path / "runs").stdout
+    assert re.search(r"made +│ 2 +│ 2 COMPLETED +│ run", listing), listing
+
+
+def test_wait_exits_1_naming_a_failed_run_and_a_cancelled_local_run_is_cancelled_not_failed(tmp_path):
+    spec = tmp_path / "spec.yaml"  # the run with 5 steps fails at step 3; the one with 1 step completes
+    spec.write_text(yaml.safe_dump({"sweep": "fails", "profile": "local", "defaults": {
+        **DEFAULTS, "schedule": {"name": "cosine", "epochs": 1}}, "grid": {"data.train_subset": [64, 320]}}))
+    assert asbatch("submit", spec, "--executor", "local", "--runs-root", tmp_path / "runs",
+                   env=env(ASBATCH_FAULT="nan:3")).returncode == 0
+    waited = asbatch("wait", "fails", "--poll", "0.5", "--runs-root", tmp_path / "runs")
+    assert waited.returncode == 1
+    assert re.search(r"train-\w+ \(train_subset=320\) FAILED: NonFiniteLossError: loss is nan", waited.stderr)
+    assert waited.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 runs of fails did not complete (FAILED)")
+
+    long = write_spec(tmp_path / "long.yaml", "long", epochs=400, lams=(0.8,))
+    assert asbatch("submit", long, "--executor", "local", "--runs-root", tmp_path / "runs").returncode == 0
+    timed_out = asbatch("wait", "long", "--poll", "0.5", "--timeout", "3", "--runs-root", tmp_path / "runs")
+    assert timed_out.returncode == 1 and "still queued or running after 3 s" in timed_out.stderr
+    assert asbatch("cancel", "long", "--runs-root", tmp_path / "runs").returncode == 0
+    cancelled = asbatch("wait", "long", "--poll", "0.5", "--timeout", "60", "--runs-root", tmp_path / "runs")
+    assert cancelled.returncode == 1 and "did not complete (CANCELLED)" in cancelled.stderr, cancelled.stderr
