@@ -51,6 +51,28 @@ def test_a_bad_spec_is_one_line_naming_the_file_and_field_exit_2_nothing_written
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_init_from_a_run_of_a_stage_this_one_does_not_run_after(command, tmp_path):
+    """(Not in the corpus: the spec must name stage a's run id, which every new config field changes.)"""
+    from asbatch.spec import parse_spec
+
+    base = {"sweep": "s", "defaults": {"adversarial": {"lam": 0.0}, "model": {"bayesian": False}}}
+    run_a = load_sweep_data({**base, "stages": {"a": {}}}).runs[0].run_id
+    spec = tmp_path / "spec.yaml"
+    stage_b = {"config": {"model": {"init_from": f"run:{run_a}"}}}
+    spec.write_text(yaml.safe_dump({**base, "stages": {"a": {}, "b": stage_b}}))
+    assert parse_spec(yaml.safe_load(spec.read_text())).stages["b"].after == []
+    line = rejected(invoke(*COMMANDS[command], spec, "--runs-root", tmp_path / "runs"),
+                    f"stages.b.config.model.init_from: run {run_a}", "which this run's stage does not run after")
+    assert line.startswith(f"error: {spec}: ") and not (tmp_path / "runs").exists()
+
+
+def load_sweep_data(data: dict):
+    from asbatch.spec import expand, parse_spec
+
+    return expand(parse_spec(data))
+
+
 def test_rejecting_a_bad_spec_does_not_import_torch():
     code = ("import sys\nfrom asbatch.cli import main\n"
             "try:\n    main([sys.argv[1], sys.argv[2], '--runs-root', sys.argv[3]])\n"

@@ -218,3 +218,11 @@ def test_rng_state_saves_only_what_training_draws_from_and_a_foreign_device_stat
     on_gpu.pop("eps_device")  # a legacy GPU state is recognised by its size
     with pytest.warns(UserWarning, match="saved on cuda"):
         assert set_rng_state(on_gpu, torch.Generator()) is False
+
+
+def test_a_missing_ood_set_fails_before_training_not_after_the_last_epoch(tmp_path):
+    cfg = digits_config(schedule={"name": "cosine", "epochs": 1}, eval={"num_samples": 2, "ood": "svhn"},
+                        data={"name": "digits", "batch_size": 64, "root": str(tmp_path / "no-data")})
+    with pytest.raises(FileNotFoundError, match="svhn: missing"):
+        train(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists(), "no epoch was trained"

@@ -116,6 +116,7 @@ class Trainer:
         self.train_loader = loader_for(config.data, "train", seed=config.seed, device=self.device,
                                        rank=self.rank, world_size=self.world)
         self.test_loader = loader_for(config.data, "test", seed=0, device=self.device)
+        self.ood_loader = self._ood_loader()
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         torch.manual_seed(config.seed)  # same init on every rank
         sweep_dir = SweepDir.at(run_dir.path.parent.parent, config.sweep)
@@ -137,6 +138,17 @@ class Trainer:
         self.memory = AscentMemory.zeros_for(self.inner) if reference else None
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.prog = Progress()
+
+    def _ood_loader(self) -> DeviceLoader | None:
+        """The final evaluation's OOD test set, loaded before training on every rank (so a missing one fails
+        every rank at the start, not rank 0 after the last epoch), held on the device by rank 0 only."""
+        if self.config.eval.ood is None:
+            return None
+        data = DataConfig(name=self.config.eval.ood, root=self.config.data.root,
+                          test_batch_size=self.config.data.test_batch_size)
+        loader = loader_for(data, "test", seed=0, device=self.device if self.is_main else "cpu")
+        loader.mean, loader.std = self.test_loader.mean, self.test_loader.std  # normalised as the model's inputs
+        return loader if self.is_main else None
 
     @property
     def is_main(self) -> bool:
@@ -331,13 +343,8 @@ class Trainer:
                 raise TrainingInterrupted(self.prog.global_step)
 
         config, ev = self.config, self.config.eval
-        ood_loader = None
-        if ev.ood is not None:
-            ood_data = DataConfig(name=ev.ood, root=config.data.root, test_batch_size=config.data.test_batch_size)
-            ood_loader = loader_for(ood_data, "test", seed=0, device=self.device)
-            ood_loader.mean, ood_loader.std = self.test_loader.mean, self.test_loader.std  # as the model's inputs
-        evaluation = evaluate(self.inner, self.test_loader, ev.num_samples, seed=ev.seed, ood_batches=ood_loader,
-                              score=ev.score, on_batch=interrupt_if_asked)
+        evaluation = evaluate(self.inner, self.test_loader, ev.num_samples, seed=ev.seed,
+                              ood_batches=self.ood_loader, score=ev.score, on_batch=interrupt_if_asked)
         atomic_write_bytes(self.run_dir.model_file, lambda f: torch.save(self.inner.state_dict(), f))
         prog = self.prog
         return {
