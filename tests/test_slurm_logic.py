@@ -146,7 +146,7 @@ def test_a_run_whose_upstream_is_neither_finished_nor_queued_is_refused(tmp_path
     path = spec(tmp_path, 1, TWO_STAGES)
     with pytest.raises(LaunchError, match=r"needs run pretrain-.* which has not finished and is not queued"):
         submit(load_sweep(path), tmp_path / "runs", executor="slurm", stages=["fine_tune"])
-    assert slurm.calls("sbatch") == [] and not (tmp_path / "runs" / "s" / "manifest.json").exists()
+    assert slurm.calls("sbatch") == [] and not (tmp_path / "runs").exists(), "nothing written, not even the lock"
 
 
 def test_retry_cancels_stuck_tasks_and_resubmits_them_after_the_new_upstream_array(tmp_path, slurm):

@@ -209,6 +209,9 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     if dry_run:
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
         return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True)
+    # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
+    # whose upstream is neither finished nor queued) fails here, with nothing written
+    _plan(sweep, sweep_dir, kind, run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0], selected, only)
     with sweep_dir.lock():
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
         manifest.overrides = dict(overrides or {})
