@@ -59,7 +59,12 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in sweep_dir.iterdir() if p.name.startswith("train-"))
 
 
-def test_a_piped_run_prints_flushed_lines_and_ctrl_c_saves_exits_130_and_the_rerun_resumes_exactly(tmp_path):
+@pytest.mark.parametrize(("signum", "code", "what"), [(signal.SIGINT, 130, "interrupted"),
+                                                      (signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                                      (signal.SIGHUP, 129, "stopped by SIGHUP")])
+def test_a_piped_run_prints_flushed_lines_and_a_signal_saves_exits_and_the_rerun_resumes_exactly(tmp_path, signum,
+                                                                                                 code, what):
+    """Ctrl-C, `kill` and a closed terminal all stop after the step with a checkpoint (128 + signal)."""
     spec = write_spec(tmp_path / "spec.yaml", "sigint", epochs=12, lams=(0.8,))
     reference = asbatch("run", spec, "--runs-root", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
@@ -71,12 +76,13 @@ def test_a_piped_run_prints_flushed_lines_and_ctrl_c_saves_exits_130_and_the_rer
         lines.append(line)
         if " epoch 1/12 " in line:
             assert proc.poll() is None, "the first epoch's line must arrive while the run trains"
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             break
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     (run_dir,) = run_dirs(tmp_path / "runs" / "sigint")
-    assert re.search(rf"{run_dir.name} interrupted at epoch \d+ step \d+ .*; run the same command to resume", err), err
+    if signum != signal.SIGHUP:  # after SIGHUP the terminal is gone: nothing more is said, but it saves and exits
+        assert re.search(rf"{run_dir.name} {what} at epoch \d+ step \d+ .*; run the same command to resume", err), err
     assert "Traceback" not in err
     assert re.match(rf"{run_dir.name} \(lam=0.8\): Bayesian mlp, [\d,]+ parameters \| cpu fp32, 1 thread \| world size "
                     r"1 \| fresh \| 12 epochs x 5 steps", lines[1]), lines
@@ -91,6 +97,21 @@ def test_a_piped_run_prints_flushed_lines_and_ctrl_c_saves_exits_130_and_the_rer
     assert re.search(r"\| resumed (in|after) epoch \d+/12", again.stdout), again.stdout
     assert f"{run_dir.name} done: ensemble" in again.stdout
     assert outcome(run_dir) == outcome(run_dirs(tmp_path / "reference" / "sigint")[0])
+
+
+def test_a_run_started_under_nohup_keeps_ignoring_sighup(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", "nohup", epochs=3, lams=(0.0,))
+    cmd = [sys.executable, "-m", "asbatch", "run", str(spec), "--runs-root", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
+    for line in proc.stdout:
+        if " epoch 1/3 " in line:
+            proc.send_signal(signal.SIGHUP)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    (run_dir,) = run_dirs(tmp_path / "runs" / "nohup")
+    assert (run_dir / "results.json").exists()
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):

@@ -19,30 +19,48 @@ from asbatch.cli.common import (
     spec_argument,
 )
 
-INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
-class CtrlC:
-    """The first SIGINT asks training to stop after the current step (every rank saves a checkpoint); the
-    second ends the process at once (the newest complete checkpoint is kept: they are written atomically)."""
+class StopSignals:
+    """Ctrl-C, `kill` (SIGTERM: also what Slurm sends to an `srun asbatch run` it cancels or times out) and a
+    closed terminal (SIGHUP) ask training to stop after the current step (every rank saves a checkpoint); a
+    second signal ends the process at once (the newest complete checkpoint is kept: they are written
+    atomically). The exit code is 128 + the first signal, as a shell reports a process that signal ended.
+    A signal this process was started to ignore (`nohup`, a background job) stays ignored."""
 
     def __init__(self, speak: bool) -> None:
-        self.count, self.speak = 0, speak
+        self.count, self.speak, self.first = 0, speak, signal.SIGINT
 
-    def install(self) -> CtrlC:
-        signal.signal(signal.SIGINT, self._handle)
+    def install(self) -> StopSignals:
+        for signum in SIGNAL_NAMES:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:  # the terminal is gone: output must not fail the checkpoint that follows
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1), os.dup2(devnull, 2)
         self.count += 1
+        name = SIGNAL_NAMES[signum]
         if self.count > 1:
-            if self.speak:
-                print("\nCtrl-C again: stopped at once; the run resumes from its newest checkpoint", file=sys.stderr,
-                      flush=True)
-            os._exit(INTERRUPTED)
+            self._say(f"\n{name} again: stopped at once; the run resumes from its newest checkpoint")
+            os._exit(self.exit_code)
+        self.first = signum
+        self._say(f"\n{name}: stopping after the current step and saving a checkpoint ({name} again stops at once)")
+
+    def _say(self, text: str) -> None:
         if self.speak:
-            print("\nCtrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again stops at once)",
-                  file=sys.stderr, flush=True)
+            print(text, file=sys.stderr, flush=True)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.first
+
+    @property
+    def what(self) -> str:
+        return "interrupted" if self.first == signal.SIGINT else f"stopped by {SIGNAL_NAMES[self.first]}"
 
     def is_set(self) -> bool:
         return self.count > 0
@@ -58,10 +76,10 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
 
     OVERRIDES are KEY=VALUE with a dotted RunConfig path: `schedule.epochs=2` sets it for every run,
     `adversarial.lam=[0,0.8]` sets a grid axis; they are part of the runs' configs and ids. Finished runs
-    are skipped, interrupted ones resume. Ctrl-C stops after the current step with a checkpoint (exit 130;
-    run the same command to resume); a second Ctrl-C stops at once. The profile's env (e.g. OMP_NUM_THREADS)
-    applies here as in a submitted job, so `run` and `submit` give the same results. Under torchrun / srun
-    every process runs this command and the runs train with DDP.
+    are skipped, interrupted ones resume. Ctrl-C (or SIGTERM, SIGHUP) stops after the current step with a
+    checkpoint (exit 130; 143, 129; run the same command to resume); a second signal stops at once. The
+    profile's env (e.g. OMP_NUM_THREADS) applies here as in a submitted job, so `run` and `submit` give the
+    same results. Under torchrun / srun every process runs this command and the runs train with DDP.
     """
     from asbatch.launch.task import export_distributed_env
 
@@ -80,27 +98,27 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
         click.echo(f"{sweep.name}: {len(runs)} run{'s' if len(runs) != 1 else ''} in "
                    f"{', '.join(s.name for s in selected)}{given} -> {runs_root / sweep.name}; Ctrl-C stops after the "
                    "current step")
-    stop = CtrlC(speak=main_rank).install()
+    stop = StopSignals(speak=main_rank).install()
     from asbatch.names import point_label
     from asbatch.train import TrainingInterrupted, train
 
     results = []
     for run in runs:
         if stop.is_set():
-            _interrupted(f"{sweep.name}: interrupted before run {run.run_id}")
+            _interrupted(f"{sweep.name}: {stop.what} before run {run.run_id}", stop.exit_code)
         try:
             results.append(train(run.config, runs_root / sweep.name / run.run_id, should_stop=stop.is_set,
                                  label=point_label(run.point)))
         except TrainingInterrupted as err:
-            _interrupted(f"{run.run_id} interrupted at {err.where}; checkpoint saved")
+            _interrupted(f"{run.run_id} {stop.what} at {err.where}; checkpoint saved", stop.exit_code)
     if main_rank:
         _print_table(sweep.name, results)
 
 
-def _interrupted(what: str) -> None:
+def _interrupted(what: str, code: int) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"{what}; run the same command to resume", err=True)
-    sys.exit(INTERRUPTED)
+    sys.exit(code)
 
 
 def _print_table(sweep: str, results: list[dict]) -> None:
