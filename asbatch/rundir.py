@@ -16,6 +16,7 @@
             requeues.json                 the task's own requeues
             failure.json                  why the last attempt failed (removed when an attempt starts)
             process.json                  pid and host of the process training it (removed when it stops)
+            .train.rank<r>.lock           held by the process training rank r (one trainer per run dir)
             stdout.log stderr.log         the run's own output under the local executor
             <figure>.png                  per-run figures logged to W&B
 
@@ -105,6 +106,27 @@ class RunDir:
     @property
     def process_file(self) -> Path:
         return self.path / "process.json"
+
+    def train_lock_file(self, rank: int) -> Path:
+        return self.path / f".train.rank{rank}.lock"
+
+    @contextlib.contextmanager
+    def training(self, rank: int) -> Iterator[bool]:
+        """Hold rank `rank`'s training lock while the block runs; yields False (and holds nothing) when another
+        live process holds it. An OS lock (flock): a killed trainer's lock is released with its process."""
+        from filelock import FileLock, Timeout
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.train_lock_file(rank), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     @property
     def stdout_log(self) -> Path:

@@ -114,6 +114,33 @@ def test_a_run_started_under_nohup_keeps_ignoring_sighup(tmp_path):
     assert (run_dir / "results.json").exists()
 
 
+def test_a_second_trainer_of_the_same_run_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    """Two processes training one run dir would both write its checkpoints and metrics: the second refuses
+    in one line naming the first; the lock is the OS's, so a SIGKILLed trainer leaves the run resumable."""
+    spec = write_spec(tmp_path / "spec.yaml", "busy", epochs=3, lams=(0.8,))
+    killed = asbatch("run", spec, "--runs-root", tmp_path / "runs", env=env(ASBATCH_FAULT="step:7"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # a trainer SIGKILLed in epoch 2
+    (run_dir,) = run_dirs(tmp_path / "runs" / "busy")
+    holder = subprocess.Popen([sys.executable, "-c", (  # another trainer of this run, alive
+        "import os, sys, time; from asbatch.rundir import RunDir; r = RunDir(sys.argv[1])\n"
+        "with r.training(0):\n"
+        "    r.write_process({'pid': os.getpid(), 'host': 'n1', 'started_at': 'now'}); print('held', flush=True)\n"
+        "    time.sleep(600)"), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    second = asbatch("run", spec, "--runs-root", tmp_path / "runs")
+    assert second.returncode == 1, second.stderr
+    (line,) = second.stderr.strip().splitlines()
+    assert line == (f"error: {run_dir}: another process is training this run (pid {holder.pid} on n1 since now); "
+                    "wait for it to end or stop it, then run the same command again to resume"), line
+    holder.kill()  # SIGKILL: no handler runs, no file is cleaned up
+    holder.communicate(timeout=60)
+    again = asbatch("run", spec, "--runs-root", tmp_path / "runs")
+    assert again.returncode == 0, again.stderr
+    assert "| resumed" in again.stdout
+    epochs = [json.loads(row)["epoch"] for row in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2], "every epoch once"
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     config = tmp_path / "heavy.yaml"  # one step of seconds: the second Ctrl-C comes while the step still runs
     config.write_text(yaml.safe_dump({**DEFAULTS, "sweep": "twice", "model": {"name": "mlp", "width": 2048},

@@ -52,14 +52,41 @@ def train(
     e.g. `lam=0.8 seed=1`) unless `quiet`.
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    main = int(os.environ.get("RANK", "0")) == 0
-    report = RunReport(run_dir.run_id, label, config.schedule.epochs, enabled=main and not quiet)
-    if run_dir.is_finished():  # finished: never re-run
-        results = run_dir.read_results()
-        if main:
-            complete_tracking(config, run_dir, results)
-        report.finished_before(results)
-        return results
+    rank = int(os.environ.get("RANK", "0"))
+    report = RunReport(run_dir.run_id, label, config.schedule.epochs, enabled=rank == 0 and not quiet)
+    if run_dir.is_finished():
+        return _finished_before(config, run_dir, report, rank == 0)
+    with run_dir.training(rank) as mine:
+        if not mine:  # two trainers in one run dir would both write its checkpoints and metrics
+            raise RunBusyError(f"{run_dir.path}: another process is training this run ({_holder(run_dir)}); wait "
+                               "for it to end or stop it, then run the same command again to resume")
+        if run_dir.is_finished():  # it finished while we looked
+            return _finished_before(config, run_dir, report, rank == 0)
+        return _train_locked(config, run_dir, report, should_stop, rank == 0)
+
+
+class RunBusyError(RuntimeError):
+    """Another live process trains this run dir."""
+
+
+def _holder(run_dir: RunDir) -> str:
+    record = run_dir.read_process()
+    if not record:
+        return "its process record is not written yet"
+    return f"pid {record.get('pid')} on {record.get('host')} since {record.get('started_at')}"
+
+
+def _finished_before(config: RunConfig, run_dir: RunDir, report: RunReport, main: bool) -> dict[str, Any]:
+    """A finished run is never trained again; its W&B run is completed if it was not."""
+    results = run_dir.read_results()
+    if main:
+        complete_tracking(config, run_dir, results)
+    report.finished_before(results)
+    return results
+
+
+def _train_locked(config: RunConfig, run_dir: RunDir, report: RunReport, should_stop: Callable[[], bool] | None,
+                  main: bool) -> dict[str, Any]:
     if main:
         run_dir.clear_failure()
         run_dir.write_process({"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
