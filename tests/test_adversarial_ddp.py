@@ -23,6 +23,7 @@ def _rank_grads(rank: int, x, y, ddp_init: str | None, out: str) -> None:
             generator=torch.Generator().manual_seed(100 + rank), **kwargs)
     torch.save([p.grad for p in net.parameters()], f"{out}.{rank}")
     if ddp_init is not None:
+        dist.barrier()  # no rank tears gloo down while the other still uses the pair (an abort in C++)
         dist.destroy_process_group()
 
 

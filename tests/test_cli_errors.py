@@ -153,7 +153,7 @@ def test_a_non_finite_loss_is_one_line(tmp_path):
     result = invoke("run", config, "--runs-root", tmp_path / "runs")
     errors = result.stderr.strip().splitlines()  # stdout has the run's progress lines
     assert result.exit_code == 1 and len(errors) == 1, result.output
-    assert errors[0].startswith("error: loss is nan or inf at global step 0"), errors
+    assert errors[0].startswith("error: loss is nan or inf at global step 1 (epoch 1)"), errors
 
 
 @click.group(cls=App)

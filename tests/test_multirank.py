@@ -115,7 +115,7 @@ def test_a_nan_on_one_rank_stops_both_ranks_at_once_with_the_same_message(tmp_pa
     assert [p.returncode for p in procs] == [1, 1], outputs
     lines = [next(line for line in err.splitlines() if line.startswith("error:")) for _, err in outputs]
     assert lines[0] == lines[1], lines
-    assert "loss is nan or inf on rank 1 of 2 at global step 2 (epoch 0)" in lines[0]
+    assert "loss is nan or inf on rank 1 of 2 at global step 3 (epoch 1)" in lines[0]
     assert took < 120, f"both ranks must stop within seconds of the NaN, not at a collective timeout ({took:.0f} s)"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import warnings
 
 import pytest
@@ -125,6 +127,24 @@ def test_should_stop_saves_a_checkpoint_at_that_step_and_a_rerun_finishes_identi
     assert resumed["evaluation"] == reference["evaluation"]
 
 
+@pytest.mark.parametrize("other", [{"model": {"name": "mlp", "init_sigma": 0.01, "width": 16}},
+                                   {"optim": {"name": "sgd", "lr": 0.003}}])
+def test_a_checkpoint_from_another_config_is_refused_naming_it(tmp_path, other):
+    """A checkpoint copied in by hand from another run: one message naming it, not a state_dict traceback."""
+    from asbatch.train import TrainingInterrupted
+    from asbatch.train.trainer import CheckpointMismatchError
+
+    foreign = digits_config(schedule={"name": "cosine", "epochs": 2}, **other)
+    with pytest.raises(TrainingInterrupted):
+        train(foreign, tmp_path / "foreign", should_stop=lambda: True)
+    (ckpt,) = (tmp_path / "foreign" / "checkpoints").glob("step-*")
+    target = tmp_path / "run" / "checkpoints" / ckpt.name
+    shutil.copytree(ckpt, target)
+    with pytest.raises(CheckpointMismatchError, match=rf"^{re.escape(str(target))}: this checkpoint does not fit "
+                                                      r"the run's config, so it was not written by this run \("):
+        train(digits_config(schedule={"name": "cosine", "epochs": 2}), tmp_path / "run")
+
+
 def test_epoch_timing_covers_the_whole_epoch_even_with_mid_epoch_checkpoints(tmp_path):
     cfg = digits_config(schedule={"name": "cosine", "epochs": 2}, checkpoint_every=3, adversarial__lam=0.8)
     results = train(cfg, tmp_path / "r")
@@ -139,7 +159,7 @@ def test_epoch_timing_covers_the_whole_epoch_even_with_mid_epoch_checkpoints(tmp
 def test_a_loss_that_is_non_finite_before_any_checkpoint_says_so(tmp_path):
     cfg = digits_config(optim={"name": "sgd", "lr": 10.0, "momentum": 1.0}, schedule={"name": "constant", "epochs": 3},
                         checkpoint_every=10_000)
-    with pytest.raises(NonFiniteLossError, match=r"at global step \d+ \(epoch 0\); no checkpoint was written"):
+    with pytest.raises(NonFiniteLossError, match=r"at global step \d+ \(epoch 1\); no checkpoint was written"):
         train(cfg, tmp_path / "nan")
     from asbatch.rundir import RunDir
 

@@ -67,9 +67,9 @@ def latest_step(ckpt_root: Path) -> int | None:
     return int(done[-1].name.removeprefix(PREFIX)) if done else None
 
 
-def load_latest(ckpt_root: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """(shared, rank_state) of the newest valid checkpoint, or None. rank_state is None when the checkpoint
-    was written by fewer ranks (resuming on a different world size: that rank re-seeds)."""
+def load_latest(ckpt_root: Path, rank: int) -> tuple[Path, dict[str, Any], dict[str, Any] | None] | None:
+    """(its dir, shared, rank_state) of the newest valid checkpoint, or None. rank_state is None when the
+    checkpoint was written by fewer ranks (resuming on a different world size: that rank re-seeds)."""
     for ckpt in sorted(ckpt_root.glob(f"{PREFIX}*"), reverse=True):
         try:
             if not (ckpt / "COMPLETE").is_file():
@@ -77,7 +77,7 @@ def load_latest(ckpt_root: Path, rank: int) -> tuple[dict[str, Any], dict[str, A
             shared = torch.load(ckpt / "shared.pt", map_location="cpu", weights_only=False)
             rank_file = ckpt / f"rank{rank}.pt"
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
-            return shared, rank_state
+            return ckpt, shared, rank_state
         except Exception as err:  # noqa: BLE001 - corrupt or partial (torch.load raises anything): older one
             warnings.warn(f"skipping checkpoint {ckpt}: {err}", stacklevel=2)
     return None

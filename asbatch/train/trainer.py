@@ -47,6 +47,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stops and its last good checkpoint is kept."""
 
 
+class CheckpointMismatchError(RuntimeError):
+    """The run's newest checkpoint holds states this run's model / optimizer cannot take (copied in by hand)."""
+
+
 class TrainingInterrupted(Exception):
     """`should_stop` asked to stop (preemption, time limit): every rank saved a checkpoint at `step`."""
 
@@ -164,7 +168,17 @@ class Trainer:
         resumed = checkpoint.load_latest(self.run_dir.checkpoints, self.rank)
         if resumed is None:
             return
-        shared, rank_state = resumed
+        ckpt, shared, rank_state = resumed
+        try:
+            self._load_states(shared, rank_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another model, optimizer, variant...
+            reason = " ".join(str(err).split())
+            raise CheckpointMismatchError(
+                f"{ckpt}: this checkpoint does not fit the run's config, so it was not written by this run "
+                f"({type(err).__name__}: {reason[:300]}); move the run's checkpoints away to train it afresh"
+            ) from err
+
+    def _load_states(self, shared: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
         self.inner.load_state_dict(shared["model"])
         self.optimizer.load_state_dict(shared["optimizer"])
         self.scheduler.load_state_dict(shared["scheduler"])
@@ -252,7 +266,8 @@ class Trainer:
         kept = (f"the last good checkpoint (step {last}) in {self.run_dir.checkpoints} is kept" if last is not None
                 else "no checkpoint was written before it")
         where = "" if self.world == 1 else f" on rank {', '.join(map(str, ranks))} of {self.world}"
-        return f"loss is nan or inf{where} at global step {self.prog.global_step} (epoch {self.prog.epoch}); {kept}"
+        step, epoch = self.prog.global_step + 1, self.prog.epoch + 1  # the failing step, counted as people do
+        return f"loss is nan or inf{where} at global step {step} (epoch {epoch}); {kept}"
 
     def run_epoch(self, should_stop: Callable[[], bool] | None, bar) -> tuple[float, float]:
         """Train the rest of the current epoch (checkpointing every `checkpoint_every` steps); returns this
