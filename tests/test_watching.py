@@ -201,6 +201,8 @@ def test_run_and_a_local_submit_give_the_same_results_and_each_run_has_its_own_l
     waited = asbatch("wait", "same", "--poll", "0.5", "--runs-root", tmp_path / "sub")
     assert waited.returncode == 0, waited.stdout + waited.stderr
     assert "same: all 2 runs completed" in waited.stdout and "same: 2/2 done" in waited.stdout
+    assert f"results: asbatch table same --runs-root {tmp_path / 'sub'}" in waited.stdout, "the hint works as given"
+    assert f"follow with: asbatch status same --runs-root {tmp_path / 'sub'}" in submitted.stdout
 
     a, b = run_dirs(tmp_path / "run" / "same"), run_dirs(tmp_path / "sub" / "same")
     assert [d.name for d in a] == [d.name for d in b] and len(a) == 2

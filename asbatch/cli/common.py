@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 import click
@@ -30,6 +31,12 @@ def runs_root_option(f):
     return click.option("--runs-root", type=click.Path(file_okay=False), callback=_not_empty,
                         default=lambda: os.environ.get(RUNS_ENV) or "runs",
                         show_default="$ASBATCH_RUNS or ./runs", help="where run dirs live")(f)
+
+
+def root_flag(runs_root: str | Path) -> str:
+    """` --runs-root X` for the commands a message suggests, unless X is what they use anyway."""
+    default = os.environ.get(RUNS_ENV) or "runs"
+    return "" if str(runs_root) == default else f" --runs-root {shlex.quote(str(runs_root))}"
 
 
 def checked_runs_root(runs_root: Path) -> Path:

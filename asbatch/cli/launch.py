@@ -15,6 +15,7 @@ from asbatch.cli.common import (
     load_sweep_or_exit,
     make_runs_root,
     overrides_argument,
+    root_flag,
     runs_root_option,
     spec_argument,
     submitted_sweep_dir,
@@ -78,7 +79,7 @@ def submit_command(spec_path: Path, overrides: tuple[str, ...], executor: str, d
                       soft_wrap=True)
     if kind == "debug":
         console.print("(debug executor: the runs ran in this process)")
-    root = f" --runs-root {runs_root}" if str(runs_root) != "runs" else ""
+    root = root_flag(runs_root)
     console.print(f"follow with: asbatch status {sweep.name}{root}  (or: asbatch wait {sweep.name}{root}; "
                   f"asbatch logs RUN{root})", soft_wrap=True)
 

@@ -112,7 +112,7 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
         except TrainingInterrupted as err:
             _interrupted(f"{run.run_id} {stop.what} at {err.where}; checkpoint saved", stop.exit_code)
     if main_rank:
-        _print_table(sweep.name, results)
+        _print_table(sweep.name, results, runs_root)
 
 
 def _interrupted(what: str, code: int) -> None:
@@ -121,13 +121,13 @@ def _interrupted(what: str, code: int) -> None:
     sys.exit(code)
 
 
-def _print_table(sweep: str, results: list[dict]) -> None:
+def _print_table(sweep: str, results: list[dict], runs_root: Path) -> None:
     from rich import box
     from rich.console import Console
 
     from asbatch.analysis import record_from_results, run_table
     from asbatch.analysis.effect import as_effect_lines
-    from asbatch.cli.common import fit_table
+    from asbatch.cli.common import fit_table, root_flag
 
     bayesian = [r for r in results if r["config"]["model"]["bayesian"]]
     if not bayesian:
@@ -140,7 +140,7 @@ def _print_table(sweep: str, results: list[dict]) -> None:
     console.print(table)
     if dropped:
         console.print(f"(not shown, the terminal is {console.width} columns wide: {', '.join(dropped)}; "
-                      f"`asbatch table {sweep}` has them all)", style="dim")
+                      f"`asbatch table {sweep}{root_flag(runs_root)}` has them all)", style="dim")
     for line in as_effect_lines(record_from_results(r) for r in bayesian):  # what the table says, in one line
         console.print(line, highlight=False, soft_wrap=True)
 

@@ -12,6 +12,7 @@ from asbatch.cli.common import (
     any_sweep_dir,
     complete_runs,
     fail,
+    root_flag,
     runs_root_option,
     sweep_argument,
 )
@@ -159,8 +160,9 @@ def wait_command(sweep: str, poll: float, timeout: float | None, runs_root: Path
         for r in bad:
             click.echo(f"  {r.run_id} ({r.point}) {r.state}{': ' + r.reason if r.reason else ''}", err=True)
         fail(f"{len(bad)} of {len(final.runs)} runs of {final.sweep} did not complete "
-             f"({', '.join(sorted({r.state for r in bad}))}); see `asbatch status {final.sweep}`")
-    click.echo(f"{final.sweep}: all {len(final.runs)} runs completed; results: asbatch table {final.sweep}")
+             f"({', '.join(sorted({r.state for r in bad}))}); see `asbatch status {final.sweep}{root_flag(runs_root)}`")
+    click.echo(f"{final.sweep}: all {len(final.runs)} runs completed; results: asbatch table {final.sweep}"
+               f"{root_flag(runs_root)}")
 
 
 @main.command("logs", short_help="Print a run's output (stdout or stderr).")
