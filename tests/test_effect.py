@@ -33,7 +33,8 @@ def test_one_line_per_variant_and_none_without_a_lambda_zero_baseline():
                rec(0, 0.0, 70.0, 90.0, 91.0, "reference"), rec(0, 0.8, 60.0, 91.0, 92.0, "reference")]
     lines = as_effect_lines(records)
     assert len(lines) == 2 and "paper variant" in lines[0] and "reference variant" in lines[1]
-    assert "lowest -10.0 ± 0.0" in lines[1]
+    assert "lowest -10.0, spread +11.0, ensembled +1.0 points (difference of means; one run on a side: no " \
+           "standard error, run more seeds)" in lines[1], "never a '± 0.0' that reads as certainty"
     assert as_effect_lines([rec(0, 0.8, 85.0, 91.0, 92.0)]) == []
 
 
