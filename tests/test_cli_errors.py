@@ -103,6 +103,25 @@ def test_table_on_a_directory_that_is_no_sweep_is_bad_input(tmp_path):
     rejected(invoke("report", tmp_path / "notes"), "is not a sweep")
 
 
+def test_a_sweep_name_that_is_not_there_lists_the_sweeps_and_the_closest_one(tmp_path):
+    run_dir = tmp_path / "quickstart" / "train-0123456789"  # a sweep made by `asbatch run`: run dirs only
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    for command in ("status", "table", "wait"):
+        rejected(invoke(command, "quickstrat", "--runs-root", tmp_path),
+                 f"no sweep 'quickstrat' under {tmp_path} (sweeps there: quickstart; did you mean 'quickstart'?)")
+    rejected(invoke("status", "jobs/quickstart.yaml", "--runs-root", tmp_path),
+             "SWEEP is a sweep's name (the spec's `sweep:`), not a spec file")
+    for command in ("cancel", "retry"):
+        rejected(invoke(command, "quickstart", "--runs-root", tmp_path),
+                 "sweep 'quickstart' under", "was trained by `asbatch run`, not submitted")
+    rejected(invoke("logs", "train-0123", "--runs-root", tmp_path),  # the start of an id names it
+             "run train-0123456789 was trained in-process by `asbatch run`", code=1)
+    (tmp_path / "quickstart" / "train-0123999999").mkdir()
+    (tmp_path / "quickstart" / "train-0123999999" / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    rejected(invoke("logs", "train-0123", "--runs-root", tmp_path), "'train-0123' starts 2 run ids")
+
+
 def test_missing_data_is_one_line_before_anything_is_created(tmp_path):
     config = tmp_path / "c10.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "data": {"name": "cifar10", "root": str(tmp_path / "data")}}))

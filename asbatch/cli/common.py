@@ -148,15 +148,36 @@ def fail(err: Exception | str, code: int = 1) -> None:
 
 def submitted_sweep_dir(runs_root: Path, sweep: str) -> Path:
     """A submitted sweep's dir by name under the runs root, or given as a path (exit 2 when there is none)."""
-    from asbatch.rundir import SweepDir, list_sweeps
+    from asbatch.rundir import SweepDir
 
     if SweepDir(sweep).is_submitted():  # a sweep dir given as a path
         return Path(sweep)
     sweep_dir = runs_root / sweep
     if not SweepDir(sweep_dir).is_submitted():
-        known = ", ".join(d.name for d in list_sweeps(runs_root) if d.is_submitted()) or "none"
-        fail(f"no submitted sweep {sweep!r} under {runs_root} (sweeps there: {known})", 2)
+        if SweepDir(sweep_dir).runs():
+            fail(f"sweep {sweep!r} under {runs_root} was trained by `asbatch run`, not submitted: no job to cancel or "
+                 "retry (Ctrl-C stops `asbatch run`; the same command resumes it)", 2)
+        fail(f"no submitted sweep {sweep!r} under {runs_root}{_known_sweeps(runs_root, sweep, submitted=True)}", 2)
     return sweep_dir
+
+
+def _known_sweeps(runs_root: Path, name: str, submitted: bool = False) -> str:
+    """' (sweeps there: a, b; did you mean 'a'?)' for a sweep name that is not there."""
+    import difflib
+
+    from asbatch.rundir import list_sweeps
+
+    try:
+        known = [d.name for d in list_sweeps(runs_root) if d.is_submitted() or not submitted]
+    except OSError:  # an unreadable runs root: the message stays without the list
+        return ""
+    hint = ""
+    if Path(name).suffix in (".yaml", ".yml"):
+        hint = "; SWEEP is a sweep's name (the spec's `sweep:`), not a spec file"
+    elif close := difflib.get_close_matches(name, known, n=1):
+        hint = f"; did you mean {close[0]!r}?"
+    listed = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+    return f" ({'submitted ' if submitted else ''}sweeps there: {listed or 'none'}{hint})"
 
 
 def any_sweep_dir(runs_root: Path, sweep: str) -> Path:
@@ -169,7 +190,7 @@ def any_sweep_dir(runs_root: Path, sweep: str) -> Path:
             if SweepDir(candidate).is_submitted() or SweepDir(candidate).runs():
                 return candidate
             fail(f"{str(candidate)!r} is not a sweep: it has no manifest and no run dirs", 2)
-    fail(f"no sweep {sweep!r} under {runs_root}", 2)
+    fail(f"no sweep {sweep!r} under {runs_root}{_known_sweeps(runs_root, sweep)}", 2)
     raise AssertionError  # unreachable: fail exits
 
 

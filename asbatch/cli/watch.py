@@ -181,18 +181,23 @@ def logs_command(run_id: str, sweep: str | None, stderr: bool, task: int, runs_r
     found, damaged = [], []
     for sweep_dir in sweep_dirs:
         try:
-            record = Manifest.load(sweep_dir).latest().get(run_id) if sweep_dir.is_submitted() else None
+            records = Manifest.load(sweep_dir).latest() if sweep_dir.is_submitted() else {}
         except DamagedStateError as err:
             damaged.append(err)
             continue
-        if record or sweep_dir.run(run_id).looks_like_run():
-            found.append((sweep_dir, record))
+        ids = set(records) | {r.run_id for r in sweep_dir.runs()}
+        matches = [run_id] if run_id in ids else sorted(i for i in ids if run_id and i.startswith(run_id))
+        found += [(sweep_dir, records.get(i), i) for i in matches]  # the start of an id names it, as in `show`
+    if len(found) > 1 and len({i for _, _, i in found}) > 1:
+        fail(f"{run_id!r} starts {len(found)} run ids ({', '.join(sorted(i for _, _, i in found)[:5])}...); give more "
+             "of it", 2)
     if not found:
         fail(damaged[0] if damaged else f"no run {run_id!r} under {runs_root}{' in sweep ' + sweep if sweep else ''}",
              2)
     if len(found) > 1:
-        fail(f"run {run_id!r} is in several sweeps ({', '.join(d.name for d, _ in found)}); name one with --sweep", 2)
-    sweep_dir, record = found[0]
+        fail(f"run {run_id!r} is in several sweeps ({', '.join(d.name for d, _, _ in found)}); name one with --sweep",
+             2)
+    sweep_dir, record, run_id = found[0]
     run_dir = sweep_dir.run(run_id)
     if record is None or record.executor == "debug":
         how = "`asbatch run`" if record is None else "the debug executor"
