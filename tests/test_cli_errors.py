@@ -122,6 +122,13 @@ def test_a_sweep_name_that_is_not_there_lists_the_sweeps_and_the_closest_one(tmp
     rejected(invoke("logs", "train-0123", "--runs-root", tmp_path), "'train-0123' starts 2 run ids")
 
 
+def test_wandb_that_cannot_be_asked_is_one_line_in_asbatch_words(tmp_path):
+    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "wandb"), "NETRC": ""}
+    line = rejected(invoke("table", "quickstart", "--source", "wandb", "--runs-root", tmp_path, env=env),
+                    "error: W&B: reading the runs of asbatch failed: ", code=1)
+    assert "UsageError" not in line and "Exception:" not in line, line
+
+
 def test_missing_data_is_one_line_before_anything_is_created(tmp_path):
     config = tmp_path / "c10.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "data": {"name": "cifar10", "root": str(tmp_path / "data")}}))

@@ -11,7 +11,8 @@ the last value logged of every key).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,20 @@ def default_wandb_path(sweep_dir: str | Path) -> str:
     return DEFAULT_WANDB_PROJECT
 
 
+class WandbUnavailable(RuntimeError):
+    """W&B could not be asked (no API key, no network, no such project): its reason, in one line."""
+
+
+@contextlib.contextmanager
+def asking_wandb(what: str) -> Iterator[None]:
+    """Turn whatever wandb raises while `what` into one asbatch message (wandb's own types and wording vary)."""
+    try:
+        yield
+    except Exception as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise WandbUnavailable(f"W&B: {what} failed: {reason}") from err
+
+
 def load_records(sweep_dir: str | Path, source: str = "local", wandb_path: str | None = None, api: Any = None,
                  history: bool = False) -> RecordList:
     """Records of a sweep from its run dirs (`source="local"`) or from W&B (`source="wandb"`: the sweep name
@@ -214,12 +229,13 @@ def load_records(sweep_dir: str | Path, source: str = "local", wandb_path: str |
     if source == "local":
         return records_from_run_dirs(sweep_dir, history=history)
     if source == "wandb":
-        if api is None:
-            import wandb
+        path = wandb_path or default_wandb_path(sweep_dir)
+        with asking_wandb(f"reading the runs of {path}"):
+            if api is None:
+                import wandb
 
-            api = wandb.Api()
-        return records_from_wandb(api, wandb_path or default_wandb_path(sweep_dir), Path(sweep_dir).name,
-                                  history=history)
+                api = wandb.Api()
+            return records_from_wandb(api, path, Path(sweep_dir).name, history=history)
     raise ValueError(f"source must be 'local' or 'wandb', got {source!r}")
 
 

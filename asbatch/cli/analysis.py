@@ -61,8 +61,12 @@ def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
 
     entity, _, project = default_wandb_path(sweep_dir).rpartition("/")
     records = load_records(sweep_dir)
-    report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"), records)
-    click.echo(report.save().url)
+    from asbatch.analysis.records import asking_wandb
+
+    with asking_wandb(f"saving the report to {default_wandb_path(sweep_dir)}"):
+        report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"),
+                                    records)
+        click.echo(report.save().url)
 
 
 @main.command("sync", short_help="Upload a sweep's offline W&B runs (from a login node).")
