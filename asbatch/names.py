@@ -112,3 +112,8 @@ def duration(seconds: float | None) -> str:
         return "-"
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def count(n: int, noun: str) -> str:
+    """'1 run', '3 runs' (regular nouns only)."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"

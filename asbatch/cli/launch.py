@@ -22,7 +22,7 @@ from asbatch.cli.common import (
     sweep_argument,
 )
 from asbatch.cli.common import console as make_console
-from asbatch.names import EXECUTORS, point_label
+from asbatch.names import EXECUTORS, count, point_label
 
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)  # as in --dry-run's flags
 
@@ -75,8 +75,8 @@ def submit_command(spec_path: Path, overrides: tuple[str, ...], executor: str, d
         one_job = len(set(sub.job_ids)) == 1
         logs = f"; logs in {sub.log_dir}/{sub.job_ids[0] if one_job else sub.array_job_id + '_<task>'}/" \
             if kind == "slurm" else ""
-        console.print(f"  stage {sub.name}: {what} {sub.array_job_id}, {len(sub.run_ids)} runs{skipped}{after}{logs}",
-                      soft_wrap=True)
+        runs = count(len(sub.run_ids), "run")
+        console.print(f"  stage {sub.name}: {what} {sub.array_job_id}, {runs}{skipped}{after}{logs}", soft_wrap=True)
     if kind == "debug":
         console.print("(debug executor: the runs ran in this process)")
     root = root_flag(runs_root)
@@ -113,7 +113,7 @@ def _print_dry_run(console, sweep, manifest) -> None:
             runs.add_row(stage.name, run.run_id, point, after, action)
     console.print(runs)
     for sub in manifest.submitted:
-        console.print(f"[bold]stage {sub.name}[/]: {len(sub.run_ids)} runs to submit "
+        console.print(f"[bold]stage {sub.name}[/]: {count(len(sub.run_ids), 'run')} to submit "
                       f"({sub.executor} executor)")
         for flag in sub.flags:
             console.print(f"    {flag}", soft_wrap=True, markup=False, highlight=False)
@@ -164,4 +164,4 @@ def retry_command(sweep: str, executor: str | None, runs_root: Path) -> None:
         return
     for sub in subs:
         after = f", after {sub.dependency}" if sub.dependency else ""
-        click.echo(f"stage {sub.name}: resubmitted {len(sub.run_ids)} runs as {sub.array_job_id}{after}")
+        click.echo(f"stage {sub.name}: resubmitted {count(len(sub.run_ids), 'run')} as {sub.array_job_id}{after}")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from asbatch.names import duration
+from asbatch.names import count, duration
 
 
 @dataclass
@@ -100,7 +100,7 @@ class RunReport:
         threads = f", {facts.threads} thread{'s' if facts.threads != 1 else ''}" if facts.threads else ""
         self.line(f"{self.name}: {facts.model}, {facts.parameters:,} parameters | {facts.device} {facts.precision}"
                   f"{threads} | world size {facts.world_size} | {resumed_text(facts, self.epochs)} | "
-                  f"{self.epochs} epochs x {facts.steps_per_epoch} steps")
+                  f"{count(self.epochs, 'epoch')} x {count(facts.steps_per_epoch, 'step')}")
         if self.terminal:
             self._start_bar(facts)
 

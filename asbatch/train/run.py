@@ -15,6 +15,7 @@ import psutil
 
 from asbatch.config import RunConfig
 from asbatch.fsutil import atomic_write_bytes
+from asbatch.names import count
 from asbatch.rundir import RunDir
 from asbatch.tracking import Tracker, complete_tracking
 from asbatch.train.progress import RunFacts, RunReport
@@ -117,7 +118,8 @@ def where_stopped(prog: Progress, epochs: int, steps_per_epoch: int) -> str:
         return f"the final evaluation (all {epochs} epochs are done)"
     if prog.step_in_epoch == 0:
         return f"epoch {prog.epoch} step {steps_per_epoch} (the end of epoch {prog.epoch}/{epochs})"
-    return f"epoch {prog.epoch + 1} step {prog.step_in_epoch} (of {epochs} epochs x {steps_per_epoch} steps)"
+    size = f"{count(epochs, 'epoch')} x {count(steps_per_epoch, 'step')}"
+    return f"epoch {prog.epoch + 1} step {prog.step_in_epoch} (of {size})"
 
 
 def _facts(trainer: Trainer) -> RunFacts:
