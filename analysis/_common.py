@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asbatch.analysis import RecordList, describe, load_records
+from asbatch.cli.app import DEBUG_ENV, error_line, is_bad_input
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -28,8 +30,15 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace, history: bool = False) -> RecordList:
-    """The sweep's records; `history=True` also reads every run's per-epoch rows (the training curves)."""
-    records = load_records(args.sweep_dir, source=args.source, wandb_path=args.wandb_path, history=history)
+    """The sweep's records; `history=True` also reads every run's per-epoch rows (the training curves). A
+    sweep that cannot be read ends the script with asbatch's one `error:` line (exit 2: a wrong path or a
+    damaged file; 1: W&B could not be asked), as `asbatch table` does."""
+    try:
+        records = load_records(args.sweep_dir, source=args.source, wandb_path=args.wandb_path, history=history)
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
+            raise
+        error_line(err, 2 if isinstance(err, (FileNotFoundError, NotADirectoryError)) or is_bad_input(err) else 1)
     print(f"{args.sweep_dir.name}: {describe(records)}", file=sys.stderr)
     return records
 

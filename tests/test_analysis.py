@@ -82,6 +82,14 @@ def test_each_figure_script_writes_its_png(sweep, tmp_path, name, monkeypatch):
     assert path == tmp_path / f"{name}.png" and is_png(path)
 
 
+@pytest.mark.parametrize("name", ["lambda_influence", "tables", "report"])
+def test_a_script_given_no_sweep_says_so_in_one_line(tmp_path, name):
+    result = subprocess.run([sys.executable, str(ANALYSIS / f"{name}.py"), str(tmp_path / "runs" / "train_c10")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"error: no sweep dir at {tmp_path / 'runs' / 'train_c10'}"], result.stderr
+
+
 def test_tables_script_prints_the_tables_and_writes_them_with_out(sweep, tmp_path, monkeypatch, capsys):
     module = load_script("tables", monkeypatch)
     text = module.main([str(sweep)])

@@ -41,7 +41,7 @@ def error_line(message: str, code: int) -> None:
 _BAD_INPUT = {"BadInput", "SpecError", "RunDirError", "DamagedStateError"}  # by name: importing them costs time
 
 
-def _is_bad_input(err: BaseException) -> bool:
+def is_bad_input(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:  # a name given on the command line
         return True
     return any(c.__name__ in _BAD_INPUT and c.__module__.startswith("asbatch") for c in type(err).__mro__)
@@ -69,7 +69,7 @@ class App(click.Group):
         except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
             if os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
                 traceback.print_exc()
-            error_line(err, 2 if _is_bad_input(err) else 1)
+            error_line(err, 2 if is_bad_input(err) else 1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
