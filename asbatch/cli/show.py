@@ -21,11 +21,11 @@ def show_command(spec_path: Path, overrides: tuple[str, ...], run_id: str | None
     """
     import yaml
 
-    from asbatch.names import point_label
+    from asbatch.names import count, point_label
 
     sweep, selected, mapped = load_sweep_or_exit(spec_path, stages, None, overrides)
     runs = [(stage, run) for stage in selected for run in stage.runs]
-    if run_id:
+    if run_id is not None:
         exact = [(s, r) for s, r in runs if r.run_id == run_id]
         runs = exact or [(s, r) for s, r in runs if r.run_id.startswith(run_id)]
         if len(runs) != 1:
@@ -33,7 +33,7 @@ def show_command(spec_path: Path, overrides: tuple[str, ...], run_id: str | None
             fail(f"--run {run_id!r}: {'no' if not runs else 'more than one'} run of {spec_path} "
                  f"{'has' if not runs else 'starts with'} that id (runs: {known})", 2)
     given = f"; overrides: {', '.join(f'{k}={v!r}' for k, v in mapped.items())}" if mapped else ""
-    click.echo(f"# sweep {sweep.name} from {spec_path}: {len(runs)} run(s){given}")
+    click.echo(f"# sweep {sweep.name} from {spec_path}: {count(len(runs), 'run')}{given}")
     for i, (stage, run) in enumerate(runs):
         after = ", ".join(run.upstream.values()) or "-"
         click.echo(("---\n" if i else "") + f"# run {run.run_id}  stage {stage.name}  grid point: "
