@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and samples (< 2 min)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
-    parser.add_argument("--only", nargs="+", metavar="N", help="run only these rows (1-9)")
+    parser.add_argument("--only", nargs="+", metavar="N", choices=[str(n) for n in range(1, 10)],
+                        help="run only these rows (1-9)")
     parser.add_argument("--gpu", action="store_true",
                         help="instead: the GPU smoke test and GPU rows (G1-G4; < 10 min on one H100)")
     parser.add_argument("--threads", type=int, default=1,
