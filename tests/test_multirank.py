@@ -155,7 +155,7 @@ def test_a_nan_on_one_rank_of_a_two_node_job_fails_the_job_cleanly(local_slurm, 
     while (state := sweep_status(tmp_path / "runs" / "nan2").runs[0]).state in ("PENDING", "RUNNING", "UNKNOWN"):
         assert time.monotonic() < deadline, state
         time.sleep(1)
-    assert state.state == "FAILED" and "on rank 1 of 2 at global step 2" in state.reason, (state.state, state.reason)
+    assert state.state == "FAILED" and "on rank 1 of 2 at global step 3" in state.reason, (state.state, state.reason)
     elapsed = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "ElapsedRaw"], capture_output=True,
                              text=True, check=True).stdout.split()
     assert elapsed and int(elapsed[0]) < 120, elapsed

@@ -63,8 +63,10 @@ def test_status_reads_pending_reasons_requeues_timeouts_cancellations_and_forgot
     status = sweep_status(tmp_path / "runs" / "s")
 
     assert [(r.state, r.reason, r.source) for r in status.runs] == [
-        ("PENDING", "Priority", "squeue"), ("REQUEUED", "", "squeue"), ("TIMEOUT", "", "sacct"),
-        ("CANCELLED", "", "sacct"), ("RUNNING", "", "squeue"), ("UNKNOWN", "", ""), ("COMPLETED", "", "run dir")]
+        ("PENDING", "Priority", "squeue"), ("REQUEUED", "", "squeue"),
+        ("TIMEOUT", "hit its time limit before it could requeue itself; `asbatch retry` resumes it", "sacct"),
+        ("CANCELLED", "cancelled (scancel, or by Slurm); `asbatch retry` resumes it", "sacct"),  # each says why
+        ("RUNNING", "", "squeue"), ("UNKNOWN", "", ""), ("COMPLETED", "", "run dir")]
     assert [r.active for r in status.runs] == [True, True, False, False, True, False, False]
     assert [r.retryable for r in status.runs] == [False, False, True, True, False, False, False]
     assert status.note is None
@@ -221,4 +223,5 @@ def test_a_failed_run_shows_the_first_line_of_its_failure(tmp_path, slurm):
 
     assert [(r.state, r.reason) for r in runs] == [
         ("FAILED", "NonFiniteLossError: loss is nan at global step 12 (epoch 1); no checkpoint was written before it"),
-        ("FAILED", "")]
+        ("FAILED", "the job failed before the run could record why (see `asbatch logs RUN --err`); `asbatch retry` "
+                   "resumes it")]

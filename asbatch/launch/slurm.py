@@ -27,6 +27,17 @@ ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_F
 # final states of a run that `retry` resubmits (when the run did not finish)
 RETRYABLE = frozenset({"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                        "BOOT_FAIL", "DEADLINE"})
+# why a job ended in each retryable state, for `asbatch status` (FAILED says it through the run's failure record)
+ENDED_BECAUSE = {
+    "CANCELLED": "cancelled (scancel, or by Slurm)",
+    "TIMEOUT": "hit its time limit before it could requeue itself",
+    "NODE_FAIL": "its node failed",
+    "OUT_OF_MEMORY": "ran out of memory (raise the stage's mem_gb)",
+    "PREEMPTED": "preempted and not requeued",
+    "BOOT_FAIL": "its node failed to boot",
+    "DEADLINE": "passed its deadline",
+    "FAILED": "the job failed before the run could record why (see `asbatch logs RUN --err`)",
+}
 NEVER_RUNS = "DependencyNeverSatisfied"  # squeue reason of a task whose upstream array failed
 SLURM_JOB_ID = re.compile(r"\d+(_\d+)?")
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)

@@ -24,7 +24,7 @@ from typing import Any
 
 from asbatch.launch.errors import LaunchError
 from asbatch.launch.manifest import Manifest, SubmissionRecord
-from asbatch.launch.slurm import ACTIVE, NEVER_RUNS, RETRYABLE, query_slurm
+from asbatch.launch.slurm import ACTIVE, ENDED_BECAUSE, NEVER_RUNS, RETRYABLE, query_slurm
 from asbatch.names import point_label, sort_key
 from asbatch.rundir import RESULTS, RunDir, SweepDir
 
@@ -182,6 +182,8 @@ def _status_of(record: SubmissionRecord, live: dict, final: dict) -> RunStatus:
         status.state, status.reason = "FAILED", f"job completed but the run has no {run_dir.results_file.name}"
     if status.state == "FAILED" and (failure := run_dir.read_failure()):
         status.reason = failure
+    elif status.state in ENDED_BECAUSE and not status.reason:  # every stopped run says why, and what next
+        status.reason = f"{ENDED_BECAUSE[status.state]}; `asbatch retry` resumes it"
     _fill_progress(status, run_dir)
     return status
 
