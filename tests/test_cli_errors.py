@@ -270,6 +270,14 @@ def test_an_unreadable_dir_is_one_line_naming_it_and_the_list_warns(what, copied
     assert listing.stderr.startswith("warning: ") and str(closed) in listing.stderr, listing.stderr
 
 
+def test_table_and_report_without_finished_runs_fail_in_one_line_and_write_nothing(copied_runs):
+    runs, run_dir = copied_runs
+    run_dir.results_file.unlink()
+    for command in (["table", "s"], ["table", "s", "--per-run"], ["report", "s", "--no-wandb"]):
+        rejected(invoke(*command, "--runs-root", runs), "sweep s has no finished runs yet", "1 unfinished", code=1)
+    assert not SweepDir(runs / "s").report_dir.exists()
+
+
 def test_table_on_a_directory_that_is_no_sweep_is_bad_input(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("x")
