@@ -278,6 +278,16 @@ def test_table_and_report_without_finished_runs_fail_in_one_line_and_write_nothi
     assert not SweepDir(runs / "s").report_dir.exists()
 
 
+def test_report_of_a_sweep_dir_whose_name_is_not_utf8(copied_runs):
+    runs, _ = copied_runs
+    odd = Path(os.fsdecode(bytes(runs) + b"/s\xff"))
+    (runs / "s").rename(odd)
+    SweepDir(odd).manifest_file.write_text('{"sweep": "s", "submissions": []}')  # its runs' sweep
+    result = _as_user("report", odd, "--no-wandb")
+    assert result.returncode == 0, result.stderr
+    assert (SweepDir(odd).report_dir / "report.md").read_text().startswith("# Sweep s\ufffd\n")
+
+
 def test_table_on_a_directory_that_is_no_sweep_is_bad_input(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("x")
