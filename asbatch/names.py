@@ -6,6 +6,7 @@ the code that builds it: `asbatch.models`, `asbatch.data`).
 
 from __future__ import annotations
 
+import math
 import re
 
 # ------------------------------------------------------------------------------------------------ data sets
@@ -108,7 +109,7 @@ def point_label(point: dict[str, object]) -> str:
 
 def duration(seconds: float | None) -> str:
     """Seconds as h:mm:ss ('-' for unknown)."""
-    if seconds is None or seconds != seconds or seconds < 0:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:  # NaN / inf from a hand-edited file
         return "-"
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -37,20 +37,32 @@ import yaml
 
 from asbatch.fsutil import atomic_write_json
 from asbatch.names import RUN_ID
+from asbatch.runshape import RunDirError, check_config, check_metrics_row, check_results, damaged
 
 RUN_REF_PREFIX = "run:"
 RESULTS = "results.json"  # written last: a run with it is finished (messages name it too)
 
 
-class RunDirError(ValueError):
-    """A file of a run or sweep dir is damaged; the message names the file."""
-
-
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
+    except PermissionError:
+        raise unreadable(path) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RunDirError(f"{path}: cannot be read as JSON ({err})") from None
+
+
+def unreadable(path: Path) -> RunDirError:
+    return RunDirError(f"{path}: cannot read (permission denied)")
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """A dir or file we may not read is damaged state too: one line naming it, not an errno line."""
+    try:
+        yield
+    except PermissionError as err:
+        raise unreadable(Path(err.filename or path)) from None
 
 
 @dataclass(frozen=True)
@@ -141,42 +153,64 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------------- state
     def is_finished(self) -> bool:
-        """results.json exists: the run is done and is never trained again."""
-        return self.results_file.is_file()
+        """results.json exists: the run is done and is never trained again (reading says if it is damaged)."""
+        with reading(self.path):
+            return self.results_file.exists()
 
     def is_started(self) -> bool:
-        return self.config_file.is_file()
+        with reading(self.path):
+            return self.config_file.is_file()
 
     def looks_like_run(self) -> bool:
-        return self.path.is_dir() and any(p.exists() for p in (self.results_file, self.config_file, self.checkpoints))
+        with reading(self.path):
+            return self.path.is_dir() and any(p.exists() for p in (self.results_file, self.config_file,
+                                                                   self.checkpoints))
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def read_config(self) -> dict[str, Any] | None:
-        if not self.config_file.is_file():
+    def read_config(self, complete: bool = False) -> dict[str, Any] | None:
+        """The run's config.yaml (None before the run starts); a damaged one is a RunDirError naming it.
+        `complete`: it must have every section, as `train` writes it (a hand-written one may have fewer)."""
+        if not self.is_started():
             return None
-        return yaml.safe_load(self.config_file.read_text()) or {}
+        with reading(self.config_file):
+            text = self.config_file.read_text(errors="replace")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise damaged(self.config_file, "config", f"not YAML: {getattr(err, 'problem', None) or err}{where}") \
+                from None
+        return check_config(self.config_file, data, complete)
 
     def write_results(self, results: dict[str, Any]) -> None:
         atomic_write_json(self.results_file, results)
 
     def read_results(self) -> dict[str, Any] | None:
         """The run's results.json, or None while it has not finished."""
-        return read_json(self.results_file) if self.results_file.is_file() else None
+        if not self.is_finished():
+            return None
+        if self.results_file.is_dir():
+            raise damaged(self.results_file, "results", "a directory, not a file")
+        return check_results(self.results_file, read_json(self.results_file))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The per-epoch rows of metrics.jsonl ([] before the first epoch ends)."""
-        if not self.metrics_file.is_file():
-            return []
+        with reading(self.metrics_file):
+            if not self.metrics_file.is_file():
+                return []
+            text = self.metrics_file.read_text(errors="replace")
         rows = []
-        for number, line in enumerate(self.metrics_file.read_text(errors="replace").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise RunDirError(f"{self.metrics_file}: line {number} is not JSON ({err.msg})") from None
+                rows.append(check_metrics_row(self.metrics_file, number, row))
         return rows
 
     def read_wandb_state(self) -> dict[str, Any] | None:
@@ -281,7 +315,8 @@ class SweepDir:
         return self.path / "report"
 
     def is_submitted(self) -> bool:
-        return self.manifest_file.is_file()
+        with reading(self.path):
+            return self.manifest_file.is_file()
 
     def submitted_run_ids(self) -> list[str]:
         """Run ids the manifest records as submitted, in first-submission order ([] without a manifest)."""
@@ -298,9 +333,10 @@ class SweepDir:
 
     def runs(self) -> list[RunDir]:
         """Every dir under the sweep that holds a run (started or finished), sorted by run id."""
-        if not self.path.is_dir():
-            return []
-        return [RunDir(p) for p in sorted(self.path.iterdir()) if RunDir(p).looks_like_run()]
+        with reading(self.path):
+            if not self.path.is_dir():
+                return []
+            return [RunDir(p) for p in sorted(self.path.iterdir()) if RunDir(p).looks_like_run()]
 
     def job_logs(self, job_id: str, task: int = 0, executor: str = "slurm") -> tuple[Path, Path]:
         """(stdout, stderr) that submitit writes for a job (`123_4`, `123` or a local pid) and task (rank)."""
@@ -326,10 +362,17 @@ class SweepDir:
 def list_sweeps(runs_root: str | Path) -> list[SweepDir]:
     """Sweep dirs under a runs root: those with a manifest (submitted) or with run dirs (`asbatch run`)."""
     root = Path(runs_root)
-    if not root.is_dir():
-        return []
-    return [SweepDir(p) for p in sorted(root.iterdir())
-            if p.is_dir() and (SweepDir(p).is_submitted() or SweepDir(p).runs())]
+    with reading(root):
+        if not root.is_dir():
+            return []
+        return [SweepDir(p) for p in sorted(root.iterdir()) if p.is_dir() and _holds_sweep(SweepDir(p))]
+
+
+def _holds_sweep(sweep: SweepDir) -> bool:
+    try:
+        return sweep.is_submitted() or bool(sweep.runs())
+    except RunDirError:  # cannot look inside: listed, so that reading it names the problem
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- run refs

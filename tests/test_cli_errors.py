@@ -6,6 +6,11 @@ terminal, with the traceback only under ASBATCH_DEBUG=1."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -17,7 +22,7 @@ from click.testing import CliRunner
 from fakeslurm import FakeSlurm
 
 from asbatch.cli.app import App
-from asbatch.rundir import SweepDir
+from asbatch.rundir import RunDir, SweepDir
 
 CONFIG = {"cpu": True, "data": {"name": "digits", "batch_size": 64}, "model": {"name": "mlp", "width": 8},
           "schedule": {"name": "cosine", "epochs": 1}}
@@ -87,12 +92,200 @@ def test_a_damaged_manifest_is_one_line_naming_it_in_every_command(how, sweeps):
 def test_damaged_run_files_name_the_file(sweeps):
     run_dir = Path(json.loads(SweepDir(sweeps / "good").manifest_file.read_text())["submissions"][0]["run_dir"])
     run_dir.mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1, "trunc')
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 0, "global_step": 5}\n{"epoch": 1, "trunc')
     rejected(invoke("status", "good", "--runs-root", sweeps), f"{run_dir / 'metrics.jsonl'}: line 2 is not JSON")
     (run_dir / "metrics.jsonl").unlink()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     (run_dir / "results.json").write_text("{")
     rejected(invoke("table", "good", "--runs-root", sweeps), f"{run_dir / 'results.json'}: cannot be read as JSON")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One real finished run (tiny: a few seconds) of sweep `s`; tests copy it and damage the copy."""
+    from tests_support import tiny_digits_config
+
+    from asbatch.train import train
+
+    config = tiny_digits_config("s", schedule={"name": "cosine", "epochs": 2})
+    run_dir = tmp_path_factory.mktemp("runs") / "s" / config.run_id
+    train(config, run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def copied_runs(finished_run, tmp_path):
+    """Runs root with sweep `s` (the finished run, to damage) and a healthy sweep `ok` beside it."""
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_run.parent, runs / "s")
+    shutil.copytree(finished_run.parent, runs / "ok")
+    return runs, RunDir(runs / "s" / finished_run.name)
+
+
+def _edit_json(path: Path, change) -> str:
+    data = json.loads(path.read_text())
+    change(data)
+    return json.dumps(data)
+
+
+def _stringify(data):
+    data["evaluation"] = {k: str(v) for k, v in data["evaluation"].items()}
+
+
+LAST_ROW = '{"epoch": 1, "global_step": 10, "train_loss": 1.0}'
+DAMAGED_RUN_FILES = {  # file -> (content, or a change of the real content) -> what the message says
+    "results.json": [
+        ("[1]", "expected a JSON object, got a list"),
+        ("null", "expected a JSON object, got null"),
+        (lambda d: d.update(evaluation=None), "evaluation: expected an object, got null"),
+        (lambda d: d.update(timing="x"), "timing: expected an object, got a string"),
+        (_stringify, "expected a number, got a string"),
+    ],
+    "metrics.jsonl": [
+        ("[1]", "line 2: expected a JSON object, got a list"),
+        ("null", "line 2: expected a JSON object, got null"),
+        ('{"epoch": 1}', "line 2: global_step: missing"),
+        ('{"epoch": "x", "global_step": 10}', "line 2: epoch: expected a whole number"),
+        ('{"epoch": 1, "global_step": 10, "train_loss": "x"}', "line 2: train_loss: expected a number"),
+    ],
+}
+CASES = [(name, content, message) for name, cases in DAMAGED_RUN_FILES.items() for content, message in cases]
+
+
+def _damage_run_file(run_dir: RunDir, name: str, content) -> Path:
+    path = run_dir.path / name
+    if callable(content):
+        path.write_text(_edit_json(path, content))
+    elif name == "metrics.jsonl":
+        path.write_text(path.read_text().splitlines()[0] + "\n" + content + "\n")
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(("name", "content", "message"), CASES, ids=[f"{n}:{m}" for n, _, m in CASES])
+def test_run_files_of_the_wrong_shape_are_one_line_naming_the_file(name, content, message, copied_runs):
+    runs, run_dir = copied_runs
+    path = _damage_run_file(run_dir, name, content)
+    commands = [["status", "s"], ["table", "s"], ["table", "s", "--per-run"]]
+    if name == "metrics.jsonl":
+        commands.append(["report", "s", "--no-wandb"])
+    for command in commands:
+        rejected(invoke(*command, "--runs-root", runs), f"{path}: damaged", message)
+    _healthy_listed_damaged_warned(runs, path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["config"].update(seed="x"), "config or evaluation: invalid literal"),
+    (lambda d: d["config"].update(adversarial=None), "config or evaluation"),
+    (lambda d: d["evaluation"].pop("nll"), "no 'nll' where a record needs it"),
+    (lambda d: d.clear(), "no 'config' where a record needs it"),
+], ids=["seed text", "no adversarial section", "no nll", "empty"])
+def test_results_without_what_a_record_needs_are_damaged_for_table(change, message, copied_runs):
+    runs, run_dir = copied_runs
+    path = _damage_run_file(run_dir, "results.json", change)
+    for command in (["table", "s"], ["table", "s", "--per-run"], ["report", "s", "--no-wandb"]):
+        rejected(invoke(*command, "--runs-root", runs), f"{path}: damaged results", message)
+
+
+def _healthy_listed_damaged_warned(runs: Path, path: Path) -> None:
+    listing = invoke("status", "--runs-root", runs)
+    assert listing.exit_code == 0 and "Traceback" not in listing.output, listing.output
+    assert "ok" in listing.output and "1 COMPLETED" in listing.output
+    warnings = [line for line in listing.output.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and str(path) in warnings[0], listing.output
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"a": [1,2', "not YAML"),
+    ("[1, 2, 3]", "expected a mapping, got a list"),
+    ("sweep: s\nstage: train\n", "data: missing (cut short?)"),
+    ("sweep: s\ndata: 3\n", "data: expected a mapping, got a number"),
+])
+def test_a_damaged_config_is_one_line_naming_it(content, message, copied_runs):
+    runs, run_dir = copied_runs
+    run_dir.config_file.write_text(content)
+    rejected(invoke("status", "s", "--runs-root", runs), f"{run_dir.config_file}: damaged config", message)
+    _healthy_listed_damaged_warned(runs, run_dir.config_file)
+
+
+def test_results_json_as_a_directory_is_damaged_everywhere(copied_runs):
+    runs, run_dir = copied_runs
+    run_dir.results_file.unlink()
+    run_dir.results_file.mkdir()
+    for command in (["status", "s"], ["table", "s"]):
+        rejected(invoke(*command, "--runs-root", runs), f"{run_dir.results_file}: damaged results (a directory")
+    _healthy_listed_damaged_warned(runs, run_dir.results_file)
+
+
+def test_non_finite_metrics_are_missing_points_not_a_crash(copied_runs):
+    from asbatch.analysis.aggregate import stat
+
+    s = stat([1.0, float("nan"), 3.0, float("inf")])  # statistics.stdev raised AttributeError on NaN
+    assert (s.mean, s.n) == (2.0, 2) and s.std == pytest.approx(2 ** 0.5)
+    runs, run_dir = copied_runs
+    rows = run_dir.metrics_file.read_text().splitlines()
+    rows[-1] = json.dumps({**json.loads(rows[-1]), "train_loss": float("nan"), "test_acc_mean": float("inf"),
+                           "step_time_s": float("nan")})
+    run_dir.metrics_file.write_text("\n".join(rows) + "\n")
+    for command in (["status", "s"], ["table", "s", "--per-run"], ["report", "s", "--no-wandb"]):
+        result = invoke(*command, "--runs-root", runs)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("content", ['{"sweep": "s", "submi', "[1]", '{"sweep": ["s"]}'])
+def test_table_and_report_name_a_damaged_manifest(content, copied_runs):
+    runs, _ = copied_runs
+    manifest = SweepDir(runs / "s").manifest_file
+    manifest.write_text(content)
+    for command in (["table", "s"], ["report", "s", "--no-wandb"]):
+        rejected(invoke(*command, "--runs-root", runs), f"{manifest}: ")
+
+
+def _as_user(*args: str | Path) -> subprocess.CompletedProcess:
+    """`asbatch ARGS` in a fresh process that file permissions apply to (root without its override)."""
+    command = [sys.executable, "-m", "asbatch", *map(str, args)]
+    if os.geteuid() == 0:
+        if not shutil.which("capsh"):
+            pytest.skip("root, and no capsh to drop the capability that ignores file permissions")
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)]
+    return subprocess.run(command, capture_output=True, text=True, errors="surrogateescape", timeout=120)
+
+
+@pytest.mark.parametrize("what", ["run dir", "sweep dir"])
+def test_an_unreadable_dir_is_one_line_naming_it_and_the_list_warns(what, copied_runs):
+    runs, run_dir = copied_runs
+    closed = run_dir.path if what == "run dir" else run_dir.path.parent
+    closed.chmod(0)
+    try:
+        for command in (["status", "s"], ["table", "s"], ["report", "s", "--no-wandb"]):
+            result = _as_user(*command, "--runs-root", runs)
+            assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+            assert result.stderr.startswith("error: ") and "cannot read (permission denied)" in result.stderr
+            assert str(closed) in result.stderr
+        listing = _as_user("status", "--runs-root", runs)
+    finally:
+        closed.chmod(0o755)
+    assert listing.returncode == 0 and "ok" in listing.stdout and "1 COMPLETED" in listing.stdout, listing
+    assert listing.stderr.startswith("warning: ") and str(closed) in listing.stderr, listing.stderr
+
+
+def test_table_and_report_without_finished_runs_fail_in_one_line_and_write_nothing(copied_runs):
+    runs, run_dir = copied_runs
+    run_dir.results_file.unlink()
+    for command in (["table", "s"], ["table", "s", "--per-run"], ["report", "s", "--no-wandb"]):
+        rejected(invoke(*command, "--runs-root", runs), "sweep s has no finished runs yet", "1 unfinished", code=1)
+    assert not SweepDir(runs / "s").report_dir.exists()
+
+
+def test_report_of_a_sweep_dir_whose_name_is_not_utf8(copied_runs):
+    runs, _ = copied_runs
+    odd = Path(os.fsdecode(bytes(runs) + b"/s\xff"))
+    (runs / "s").rename(odd)
+    SweepDir(odd).manifest_file.write_text('{"sweep": "s", "submissions": []}')  # its runs' sweep
+    result = _as_user("report", odd, "--no-wandb")
+    assert result.returncode == 0, result.stderr
+    assert (SweepDir(odd).report_dir / "report.md").read_text().startswith("# Sweep s\ufffd\n")
 
 
 def test_table_on_a_directory_that_is_no_sweep_is_bad_input(tmp_path):

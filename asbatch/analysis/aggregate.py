@@ -9,6 +9,7 @@ different configs, each group names the keys that differ (`Group.differs`, e.g. 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -61,8 +62,8 @@ class Group:
 
 
 def stat(values: Sequence[float | None]) -> Stat:
-    """`Stat` of the non-None values."""
-    vals = [float(v) for v in values if v is not None]
+    """`Stat` of the finite values (None, NaN and inf, e.g. from a hand-edited file, count as missing)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return Stat(None, None, 0)
     return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
@@ -74,7 +75,7 @@ def per_seed(runs: Iterable[Record], value: Callable[[Record], float | None]) ->
     for r in runs:
         v = value(r)
         by_seed.setdefault(r.seed, [])
-        if v is not None:
+        if v is not None and math.isfinite(v):
             by_seed[r.seed].append(float(v))
     return [statistics.fmean(vs) if vs else None for vs in by_seed.values()]
 

@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from asbatch.analysis.configs import flatten_config
 from asbatch.analysis.metrics import BY_NAME, METRICS, SAMPLE_ACCURACIES
-from asbatch.rundir import RunDir, RunDirError, SweepDir, read_json
+from asbatch.rundir import RunDir, RunDirError, SweepDir, damaged, read_json
 from asbatch.tracking.keys import EVAL_PREFIX, unflatten_evaluation
 
 DEFAULT_WANDB_PROJECT = "asbatch"
@@ -114,19 +112,29 @@ def sweep_name(sweep_dir: str | Path) -> str:
     sweep = SweepDir(sweep_dir)
     if sweep.is_submitted():
         try:
-            return str(read_json(sweep.manifest_file).get("sweep") or sweep.name)
+            data = read_json(sweep.manifest_file)
         except RunDirError:
-            pass
+            return sweep.name  # reading its submissions names the damage
+        named = data.get("sweep") if isinstance(data, dict) else None
+        return named if isinstance(named, str) and named else sweep.name
     return sweep.name
 
 
 def _started_sweep(run: RunDir, default: str) -> str:
-    """The sweep an unfinished run's written config names (`default` where it cannot be read)."""
+    """The sweep an unfinished run's written config names (`default` before it has one; a damaged one is a
+    RunDirError naming it)."""
+    return str((run.read_config() or {}).get("sweep", default))
+
+
+def _record_of(run: RunDir, results: dict[str, Any], history: bool) -> Record:
+    """The run's `Record`; results whose config or evaluation lack what a record needs are damaged."""
+    rows = run.read_metrics()
     try:
-        config = run.read_config() or {}
-    except (OSError, yaml.YAMLError):
-        return default
-    return str(config.get("sweep", default)) if isinstance(config, dict) else default
+        return record_from_results(results, rows if history else None, train=rows[-1] if rows else {})
+    except KeyError as err:
+        raise damaged(run.results_file, "results", f"no {err} where a record needs it") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise damaged(run.results_file, "results", f"config or evaluation: {' '.join(str(err).split())}") from None
 
 
 def records_from_run_dirs(sweep_dir: str | Path, history: bool = False, sweep: str | None = None) -> RecordList:
@@ -150,8 +158,7 @@ def records_from_run_dirs(sweep_dir: str | Path, history: bool = False, sweep: s
         elif results is None:
             unfinished.append(run.run_id)
         else:
-            rows = run.read_metrics()
-            records.append(record_from_results(results, rows if history else None, train=rows[-1] if rows else {}))
+            records.append(_record_of(run, results, history))
     seen = {r.run_id for r in records} | set(unfinished) | set(foreign)
     unfinished += [run_id for run_id in sweep_dir.submitted_run_ids() if run_id not in seen]
     return RecordList(sorted(records, key=lambda r: r.run_id), unfinished, foreign)
@@ -202,7 +209,7 @@ def default_wandb_path(sweep_dir: str | Path) -> str:
         tracking = (run.read_results() or {}).get("config", {}).get("tracking")
         if tracking is None:
             tracking = (run.read_config() or {}).get("tracking")
-        if tracking:
+        if isinstance(tracking, dict) and tracking:
             project = tracking.get("project") or DEFAULT_WANDB_PROJECT
             return f"{tracking['entity']}/{project}" if tracking.get("entity") else project
     return DEFAULT_WANDB_PROJECT

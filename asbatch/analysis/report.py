@@ -34,6 +34,11 @@ GROUPING = ("Runs are grouped by their resolved config without the seed and the 
             "is ± 1 sample std over those seeds, and rows of different configs name the keys in which they differ.")
 
 
+def shown_name(name: str) -> str:
+    """A file name as text a UTF-8 file can hold: bytes that are not UTF-8 (a surrogate in the str) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def build_static_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
                         records: Sequence[Record] | None = None) -> Path:
     """Write report.md and report.html (tables + figures) for the sweep into `out_dir` (default: the sweep's
@@ -46,7 +51,7 @@ def build_static_report(sweep_dir: str | Path, out_dir: str | Path | None = None
     if records is None:
         records = records_from_run_dirs(sweep.path, history=True)
     pngs = write_plots(records, out_dir)
-    title = f"Sweep {sweep.name}"
+    title = f"Sweep {shown_name(sweep.name)}"
     summary = describe(records)
 
     md = [f"# {title}", "", summary + ".", "", GROUPING, "", "## Tables", "", sweep_tables(records, "md").rstrip(),

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from asbatch.cli.app import main
 from asbatch.cli.common import any_sweep_dir, fail, runs_root_option, sweep_argument
+
+
+def _finished_records(sweep_dir: Path, **how):
+    """The sweep's records; none finished is a failure (exit 1) before anything is printed or written."""
+    from asbatch.analysis import describe, load_records
+
+    records = load_records(sweep_dir, **how)
+    if not records:
+        fail(f"sweep {sweep_dir.name} has no finished runs yet ({describe(records)})", 1)
+    return records
 
 
 @main.command("table", short_help="Print the paper's tables for a sweep (or one row per run).")
@@ -24,13 +33,11 @@ def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, per
     """Print the paper's tables for a sweep: lowest / highest / ensembled accuracy, accuracy on the 20-80%
     most certain data, calibration and OOD columns; mean +- std over seeds, AS rows bold where they win.
     With --per-run: one row per run instead."""
-    from asbatch.analysis import describe, load_records, sweep_tables
+    from asbatch.analysis import describe, sweep_tables
 
     sweep_dir = runs_root / sweep if source == "wandb" else any_sweep_dir(runs_root, sweep)
-    records = load_records(sweep_dir, source=source, wandb_path=wandb_path)
+    records = _finished_records(sweep_dir, source=source, wandb_path=wandb_path)
     click.echo(describe(records), err=True)
-    if not records:
-        sys.exit(1)
     if per_run:
         from asbatch.results import per_run_table, records_frame
 
@@ -47,22 +54,21 @@ def table_command(sweep: str, source: str, fmt: str, wandb_path: str | None, per
 def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
     """Write the sweep's report (tables + plots) as Markdown and HTML with PNGs into <sweep>/report/,
     and, when W&B is online, save a W&B Report with the tables and panels over the sweep's runs."""
-    from asbatch.analysis import build_static_report, load_records, sweep_tables
+    from asbatch.analysis import build_static_report, sweep_tables
     from asbatch.tracking import resolve_mode
 
     sweep_dir = any_sweep_dir(runs_root, sweep)
-    click.echo(build_static_report(sweep_dir))
+    records = _finished_records(sweep_dir, history=True)  # the training curves need the per-epoch rows
+    click.echo(build_static_report(sweep_dir, records=records))
     if to_wandb is None:
         to_wandb = resolve_mode("auto") == "online"
     if not to_wandb:
         click.echo("W&B offline: no W&B Report saved (run `asbatch report --wandb` where W&B is online)", err=True)
         return
     from asbatch.analysis import build_wandb_report, default_wandb_path
-
-    entity, _, project = default_wandb_path(sweep_dir).rpartition("/")
-    records = load_records(sweep_dir)
     from asbatch.analysis.records import asking_wandb
 
+    entity, _, project = default_wandb_path(sweep_dir).rpartition("/")
     with asking_wandb(f"saving the report to {default_wandb_path(sweep_dir)}"):
         report = build_wandb_report(sweep_dir.name, project, entity or None, sweep_tables(records, fmt="md"),
                                     records)

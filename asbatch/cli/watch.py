@@ -76,12 +76,12 @@ def _sweep_list(runs_root: Path) -> None:
         table.add_column(col, no_wrap=col != "states")
     damaged = []
     for sweep_dir in list_sweeps(runs_root):
-        by = "submit" if sweep_dir.is_submitted() else "run"
-        try:  # one damaged sweep must not hide the healthy ones
+        try:  # one damaged (or unreadable) sweep must not hide the healthy ones
+            by = "submit" if sweep_dir.is_submitted() else "run"
             st = sweep_status(sweep_dir)
         except (DamagedStateError, RunDirError, LaunchError) as err:
             damaged.append(str(err))
-            table.add_row(sweep_dir.name, "?", "damaged (see below)", by)
+            table.add_row(sweep_dir.name, "?", "damaged (see below)", "?")
             continue
         if any(r.executor == "run" for r in st.runs) and by == "submit":
             by = "submit, run"

@@ -13,6 +13,7 @@ differ), epochs done, elapsed training time, an ETA while it runs and its final 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -117,6 +118,11 @@ def _process_alive(run_dir: RunDir) -> bool:
         return False
 
 
+def _finite(value: float | None) -> float:
+    """A metric as a time to add up: a missing or non-finite one (null, NaN in a hand-edited file) counts 0."""
+    return value if value is not None and math.isfinite(value) else 0.0
+
+
 def _fill_progress(status: RunStatus, run_dir: RunDir) -> None:
     """Epochs done, last test accuracy, elapsed time and ETA from the run's metrics; the final accuracy and
     the training time from its results."""
@@ -126,7 +132,7 @@ def _fill_progress(status: RunStatus, run_dir: RunDir) -> None:
     if rows:
         status.test_acc = rows[-1].get("test_acc_mean", rows[-1].get("test_acc"))
         steps = rows[0]["global_step"] / (rows[0]["epoch"] + 1)  # steps per epoch
-        epoch_times = [row.get("step_time_s", 0.0) * steps for row in rows]
+        epoch_times = [_finite(row.get("step_time_s")) * steps for row in rows]
         status.elapsed_s = sum(epoch_times)
     if results:
         status.final_acc = results.get("evaluation", {}).get("ensemble_accuracy")
@@ -198,10 +204,7 @@ def _in_process_state(status: RunStatus, run_dir: RunDir) -> None:
 
 def run_made_status(run_dir: RunDir) -> RunStatus:
     """The status of a run trained in-process by `asbatch run` (no manifest record): from its run dir only."""
-    try:
-        config = run_dir.read_config() or {}
-    except (OSError, ValueError):
-        config = {}
+    config = run_dir.read_config(complete=True) or {}  # damaged: RunDirError names it (no garbage grid point)
     status = RunStatus(run_id=run_dir.run_id, stage=str(config.get("stage", run_dir.run_id.rsplit("-", 1)[0])),
                        state="COMPLETED", executor="run", run_dir=str(run_dir.path), source="run dir",
                        epochs=(config.get("schedule") or {}).get("epochs"), config=config or None)
