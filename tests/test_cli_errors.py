@@ -315,6 +315,13 @@ def test_a_sweep_name_that_is_not_there_lists_the_sweeps_and_the_closest_one(tmp
     rejected(invoke("logs", "train-0123", "--runs-root", tmp_path), "'train-0123' starts 2 run ids")
 
 
+def test_status_of_a_runs_root_without_sweeps_says_why_and_what_to_do(tmp_path):
+    for root, why in ((tmp_path / "nothing", "does not exist"), (tmp_path, "holds no sweeps")):
+        result = invoke("status", "--runs-root", root)
+        assert result.exit_code == 0 and result.output.startswith(f"{root} {why} "), result.output
+        assert "start one with `asbatch run SPEC` or `asbatch submit SPEC`" in result.output
+
+
 def test_wandb_that_cannot_be_asked_is_one_line_in_asbatch_words(tmp_path):
     env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "wandb"), "NETRC": ""}
     line = rejected(invoke("table", "quickstart", "--source", "wandb", "--runs-root", tmp_path, env=env),

@@ -71,11 +71,17 @@ def _sweep_list(runs_root: Path) -> None:
     from asbatch.rundir import RunDirError, list_sweeps
 
     console = make_console()
+    sweeps = list_sweeps(runs_root)
+    if not sweeps:  # an empty table says nothing about why
+        where = "does not exist" if not runs_root.exists() else "holds no sweeps"
+        click.echo(f"{runs_root} {where} (--runs-root, or $ASBATCH_RUNS, names another); start one with "
+                   "`asbatch run SPEC` or `asbatch submit SPEC`")
+        return
     table = Table(title=f"sweeps under {runs_root}", title_justify="left")
     for col in ("sweep", "runs", "states", "by"):
         table.add_column(col, no_wrap=col != "states")
     damaged = []
-    for sweep_dir in list_sweeps(runs_root):
+    for sweep_dir in sweeps:
         try:  # one damaged (or unreadable) sweep must not hide the healthy ones
             by = "submit" if sweep_dir.is_submitted() else "run"
             st = sweep_status(sweep_dir)
