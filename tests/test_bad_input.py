@@ -167,6 +167,7 @@ def test_env_values_are_exported_as_written(tmp_path):
     ("runs\n#SBATCH --qos=high", "--runs-root: control characters"),
     ("runs\r", "--runs-root: control characters"),
     ("runs/100%A", "--runs-root: '%' is not allowed"),
+    ("runs\udcff", "--runs-root: the path is not valid UTF-8"),  # the byte 0xff as a shell passes it
 ])
 def test_a_runs_root_that_would_inject_sbatch_lines_is_refused(runs_root, expected, tmp_path):
     spec = SPECS / "good" / "single_stage.yaml"
@@ -184,6 +185,8 @@ def test_the_submit_library_refuses_them_too(tmp_path):
     sweep = load_sweep(SPECS / "good" / "single_stage.yaml")
     with pytest.raises(SpecError, match="runs root: control characters"):
         submit(sweep, tmp_path / "a\nb", executor="local")
+    with pytest.raises(SpecError, match=r"runs root: .*not UTF-8"):
+        submit(sweep, tmp_path / "a\udcff", executor="local")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -33,9 +33,10 @@ def runs_root_option(f):
 
 
 def checked_runs_root(runs_root: Path) -> Path:
-    """The runs root, refused when it could inject lines into a job script (a control character) or change a
-    Slurm file name (`%`): every log path and run dir is under it. Nothing is created here."""
-    from asbatch.spec.loading import CONTROL
+    """The runs root, refused when it could inject lines into a job script (a control character), change a
+    Slurm file name (`%`) or not be written into UTF-8 text (job scripts, the manifest): every log path and
+    run dir is under it. Nothing is created here."""
+    from asbatch.spec.loading import CONTROL, is_utf8
 
     origin = "--runs-root" if os.environ.get(RUNS_ENV) != str(runs_root) else f"${RUNS_ENV}"
     for text in (str(runs_root), str(Path(runs_root).absolute())):
@@ -44,6 +45,8 @@ def checked_runs_root(runs_root: Path) -> Path:
                            f"path that reaches job scripts (got {text!r})")
         if "%" in text:
             raise BadInput(f"{origin}: '%' is not allowed (Slurm reads %j, %A... in log paths) (got {text!r})")
+        if not is_utf8(text):  # job scripts, logs and the manifest are UTF-8 text
+            raise BadInput(f"{origin}: the path is not valid UTF-8 (got {text!r})")
     if len(str(Path(runs_root).absolute())) > 3000:
         raise BadInput(f"{origin}: a path of more than 3000 characters")
     if runs_root.exists() and not runs_root.is_dir():

@@ -42,7 +42,7 @@ from asbatch.launch.task import SequentialTask, TrainTask
 from asbatch.names import EXECUTORS, point_label
 from asbatch.rundir import SweepDir
 from asbatch.spec import SpecError, Sweep, SweepRun, SweepStage
-from asbatch.spec.loading import CONTROL
+from asbatch.spec.loading import CONTROL, is_utf8
 
 
 @dataclass
@@ -225,8 +225,9 @@ def _check_script_strings(sweep: Sweep, sweep_dir: SweepDir) -> None:
     texts = {"runs root": str(sweep_dir.path), "sweep name": sweep.name,
              **{f"env {name}": value for name, value in sweep.env.items()}}
     for what, text in texts.items():
-        if CONTROL.search(text) or (what == "runs root" and "%" in text):
-            raise SpecError(f"{what}: control characters (or '%' in a path) cannot go into a job script (got {text!r})")
+        if CONTROL.search(text) or (what == "runs root" and "%" in text) or not is_utf8(text):
+            raise SpecError(f"{what}: control characters (or '%' in a path, or bytes that are not UTF-8) cannot go "
+                            f"into a job script (got {text!r})")
 
 
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
