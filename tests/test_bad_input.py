@@ -190,6 +190,16 @@ def test_the_submit_library_refuses_them_too(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args", [
+    ("wait", "s", "--poll", "nan"), ("wait", "s", "--timeout", "nan"), ("wait", "s", "--timeout", "inf"),
+    ("sync", "s", "--timeout", "nan"), ("sync", "s", "--timeout", "inf"), ("sync", "s", "--timeout", "-inf"),
+])
+def test_a_float_option_that_is_not_a_finite_number_is_refused_while_parsing(args, tmp_path):
+    # before any sweep is looked up (no sweep `s` exists) and before `sync` starts a `wandb sync` child
+    rejected(invoke(*args, "--runs-root", tmp_path), f"Invalid value for '{args[2]}'", "is not a finite number")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_other_bad_arguments_and_environment(tmp_path):
     spec = SPECS / "good" / "single_stage.yaml"
     rejected(invoke("submit", spec, "--dry-run", env={"ASBATCH_SIGNAL_DELAY_S": "soon"}),

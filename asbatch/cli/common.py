@@ -8,6 +8,7 @@ then is anything created. Bad input is `BadInput` / `SpecError` (exit 2, see `as
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -177,6 +178,25 @@ def console():
 
 
 # ------------------------------------------------------------------------------- arguments and completion
+
+YEAR_S = 365 * 24 * 3600.0
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option within [min, max] that is a number: `nan` passes every comparison and `inf` overflows
+    the timers it reaches (a sleep, a child's timeout), so both are refused while parsing (exit 2)."""
+
+    name = "float"
+
+    def __init__(self, min: float, max: float = YEAR_S) -> None:
+        super().__init__(min, max)
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
 
 def spec_argument(metavar: str = "SPEC"):
     return click.argument("spec_path", metavar=metavar, type=click.Path(exists=True, dir_okay=False, path_type=Path))
