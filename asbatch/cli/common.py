@@ -170,11 +170,16 @@ def any_sweep_dir(runs_root: Path, sweep: str) -> Path:
     raise AssertionError  # unreachable: fail exits
 
 
+MIN_WIDTH = 40  # narrower, every column would be dropped or folded into one character a line
+
+
 def console():
-    """A console as wide as the terminal (80 columns off a terminal, or $COLUMNS): tables fit, never wrap."""
+    """A console as wide as the terminal (80 columns off a terminal, or $COLUMNS; rich ignores a COLUMNS that
+    is not a number) but at least MIN_WIDTH: `COLUMNS=0` must not hide every table. Tables fit, never wrap."""
     from rich.console import Console
 
-    return Console()
+    out = Console()
+    return out if out.width >= MIN_WIDTH else Console(width=MIN_WIDTH)
 
 
 # ------------------------------------------------------------------------------- arguments and completion
