@@ -205,6 +205,11 @@ def test_other_bad_arguments_and_environment(tmp_path):
     rejected(invoke("submit", spec, "--dry-run", env={"ASBATCH_SIGNAL_DELAY_S": "soon"}),
              "$ASBATCH_SIGNAL_DELAY_S: expected whole seconds", "'soon'")
     rejected(invoke("run", spec, "--stage", "nope\n"), "--stage 'nope\\n' is not a stage")
+    named = _write(tmp_path, "named.yaml", "sweep: a\nprofile: local\n")
+    rejected(invoke("submit", named, "--dry-run", env={PROFILES_ENV: "~nosuchuser-asbatch/profiles"}),
+             "$ASBATCH_PROFILES: '~nosuchuser-asbatch/profiles': '~nosuchuser-asbatch' names no user")
+    rejected(invoke("run", spec, "model.init_from=~nosuchuser-asbatch/m.pt"), "defaults.model.init_from: ",
+             "names no user", "(set on the command line: model.init_from=~nosuchuser-asbatch/m.pt)")
     rejected(invoke("submit", spec, "--executor", "cloud"), "Invalid value for '--executor'")
     (tmp_path / "file").write_text("")
     rejected(invoke("run", spec, "--runs-root", tmp_path / "file"), "--runs-root", "is a file")

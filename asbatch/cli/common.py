@@ -92,12 +92,13 @@ def check_init_files(sweep, spec_path: Path) -> None:
     the deterministic twin of each run's model: the spec checks could not look inside it without torch."""
     from asbatch.datafiles import FACTS
     from asbatch.rundir import RunDir, ref_run_id
+    from asbatch.spec.errors import user_path
 
     files = {}
     for run in sweep.runs:
         value = run.config.model.init_from
-        if value and ref_run_id(value) is None and not Path(value).expanduser().is_dir():
-            path = Path(value).expanduser()
+        if value and ref_run_id(value) is None and not user_path(value, "model.init_from").is_dir():
+            path = user_path(value, "model.init_from")
             if path != RunDir(path.parent).model_file or not RunDir(path.parent).config_file.is_file():
                 m, data = run.config.model, FACTS[run.config.data.name]
                 files.setdefault((path, m.name, m.width, data.num_classes, data.image_shape[0]), run)
