@@ -248,6 +248,21 @@ def test_a_bare_weights_file_must_fit_the_model(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("name", ["run dir", "its model.pt"])
+def test_the_weights_in_a_run_dir_must_fit_the_model_too(name, tmp_path):
+    import torch
+
+    run_dir = SweepDir.at(tmp_path / "pre", "p").run("pretrain-0123456789")
+    run_dir.write_config({"model": {"name": "mlp", "width": 8, "bayesian": False}, "data": {"name": "digits"}})
+    torch.save({"x": torch.zeros(2)}, run_dir.model_file)  # its config fits, its weights do not
+    target = run_dir.path if name == "run dir" else run_dir.model_file
+    spec = _write(tmp_path, "ft.yaml", f"sweep: s\ndefaults:\n  model: {{name: mlp, width: 8, init_from: {target}}}\n")
+    for command in (["run"], ["submit", "--executor", "local"]):
+        rejected(invoke(*command, spec, "--runs-root", tmp_path / "runs"),
+                 f"model.init_from {str(run_dir.model_file)!r}", "does not fit mlp", "Missing key(s)")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_run_of_a_later_stage_alone_needs_its_upstream_finished(tmp_path):
     spec = _write(tmp_path, "two.yaml", yaml.safe_dump({
         "sweep": "two", "defaults": {"cpu": True, "data": {"name": "digits"}, "model": {"name": "mlp"}},

@@ -1,8 +1,8 @@
 """What every command shares: the runs-root option, checking input at the door, finding a sweep, errors.
 
 The door, in order, for `run` and `submit`: the runs root (a string that reaches job scripts), the spec
-(asbatch.spec: no torch), `--stage`, a bare weights file named by `model.init_from` (the one check that
-loads torch, only when there is such a file), then the data of every run (exit 1 when missing), and only
+(asbatch.spec: no torch), `--stage`, a weights file or run dir named by `model.init_from` (the one check
+that loads torch, only when there is such a file), then the data of every run (exit 1 when missing), and only
 then is anything created. Bad input is `BadInput` / `SpecError` (exit 2, see `asbatch.cli.app`).
 """
 
@@ -88,8 +88,9 @@ def load_sweep_or_exit(path: Path, stages: tuple[str, ...] = (), runs_root: Path
 
 
 def check_init_files(sweep, spec_path: Path) -> None:
-    """A bare weights file named by `model.init_from` (not a run of this sweep, not a run dir) must load into
-    the deterministic twin of each run's model: the spec checks could not look inside it without torch."""
+    """A weights file named by `model.init_from` (a file, or a run dir's model.pt once that run has finished;
+    not a `run:` of a sweep) must load into the deterministic twin of each run's model: the spec checks
+    compared a run dir's config but could not look inside its weights without torch."""
     from asbatch.datafiles import FACTS
     from asbatch.rundir import RunDir, ref_run_id
     from asbatch.spec.errors import user_path
@@ -97,9 +98,10 @@ def check_init_files(sweep, spec_path: Path) -> None:
     files = {}
     for run in sweep.runs:
         value = run.config.model.init_from
-        if value and ref_run_id(value) is None and not user_path(value, "model.init_from").is_dir():
+        if value and ref_run_id(value) is None:
             path = user_path(value, "model.init_from")
-            if path != RunDir(path.parent).model_file or not RunDir(path.parent).config_file.is_file():
+            path = RunDir(path).model_file if path.is_dir() else path
+            if path.is_file():  # a run dir without its model.pt has not finished: nothing to check yet
                 m, data = run.config.model, FACTS[run.config.data.name]
                 files.setdefault((path, m.name, m.width, data.num_classes, data.image_shape[0]), run)
     if not files:
