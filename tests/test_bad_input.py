@@ -263,11 +263,14 @@ def test_the_weights_in_a_run_dir_must_fit_the_model_too(name, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_run_of_a_later_stage_alone_needs_its_upstream_finished(tmp_path):
+def test_run_or_submit_of_a_later_stage_alone_needs_its_upstream_finished(tmp_path):
     spec = _write(tmp_path, "two.yaml", yaml.safe_dump({
         "sweep": "two", "defaults": {"cpu": True, "data": {"name": "digits"}, "model": {"name": "mlp"}},
         "stages": {"pre": {"config": {"model": {"bayesian": False}, "adversarial": {"lam": 0.0}}},
                    "ft": {"after": "pre", "init_from": "pre"}}}))
     rejected(invoke("run", spec, "--stage", "ft", "--runs-root", tmp_path / "runs"),
              "--stage ft: run ft-", "needs run pre-", "run stage 'pre' too")
+    for executor in ("local", "slurm", "debug"):
+        rejected(invoke("submit", spec, "--stage", "ft", "--executor", executor, "--runs-root", tmp_path / "runs"),
+                 "stage ft: run ft-", "needs run pre-", "which has not finished and is not queued")
     assert not (tmp_path / "runs").exists()

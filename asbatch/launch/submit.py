@@ -33,7 +33,7 @@ from typing import Any
 
 import submitit
 
-from asbatch.launch.errors import LaunchError
+from asbatch.launch.errors import LaunchError, UnmetUpstreamError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord, now
 from asbatch.launch.runlog import detached_output
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
@@ -132,7 +132,7 @@ def _add_upstream(plan: StageSubmission, kind: str, stage: SweepStage, run_: Swe
         raise LaunchError(f"stage {stage.name}: upstream run {up_id} ({up_stage}) is still running "
                           f"under the {up.executor} executor; wait for it, then submit again")
     else:
-        raise LaunchError(f"stage {stage.name}: run {run_.run_id} needs run {up_id} of stage "
+        raise UnmetUpstreamError(f"stage {stage.name}: run {run_.run_id} needs run {up_id} of stage "
                           f"{up_stage!r}, which has not finished and is not queued; submit stage {up_stage!r} too")
 
 
@@ -212,6 +212,7 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
     # whose upstream is neither finished nor queued) fails here, with nothing written
     _plan(sweep, sweep_dir, kind, run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0], selected, only)
+    _make_runs_root(sweep_dir.path.parent)
     with sweep_dir.lock():
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
         manifest.overrides = dict(overrides or {})
@@ -228,6 +229,14 @@ def _check_script_strings(sweep: Sweep, sweep_dir: SweepDir) -> None:
         if CONTROL.search(text) or (what == "runs root" and "%" in text) or not is_utf8(text):
             raise SpecError(f"{what}: control characters (or '%' in a path, or bytes that are not UTF-8) cannot go "
                             f"into a job script (got {text!r})")
+
+
+def _make_runs_root(root: Path) -> None:
+    """Create the runs root once the plan stands (a failure is a LaunchError naming it, not a traceback)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LaunchError(f"cannot create the runs root {str(root)!r}: {err.strerror or err}") from None
 
 
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
