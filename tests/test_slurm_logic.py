@@ -166,6 +166,22 @@ def test_retry_cancels_stuck_tasks_and_resubmits_them_after_the_new_upstream_arr
     assert [len(a.run_ids) for a in manifest.arrays[2:]] == [1, 2]
 
 
+@pytest.mark.parametrize("overrides", [{"defaults.bogus": 1}, {"defaults.schedule.epochs": "two"}])
+def test_retry_with_hand_edited_overrides_in_the_manifest_is_bad_input_naming_it(overrides, tmp_path, slurm):
+    from cli_helpers import invoke, rejected
+
+    path = spec(tmp_path, 2)
+    submit(load_sweep(path), tmp_path / "runs", executor="slurm", spec_path=path)
+    slurm.set("1000_0", squeue=None, sacct="FAILED")
+    manifest = SweepDir(tmp_path / "runs" / "s").manifest_file
+    data = json.loads(manifest.read_text())
+    data["submissions"][0]["overrides"] = overrides
+    manifest.write_text(json.dumps(data))
+    rejected(invoke("retry", "s", "--runs-root", tmp_path / "runs"), f"{manifest}: the overrides",
+             "do not apply to", f"{next(iter(overrides))}:")
+    assert len(slurm.calls("sbatch")) == 1
+
+
 def test_cancel_scancels_only_the_arrays_that_still_have_active_tasks(tmp_path, slurm):
     path = spec(tmp_path, 2, TWO_STAGES)
     submit(load_sweep(path), tmp_path / "runs", executor="slurm", spec_path=path)

@@ -33,7 +33,7 @@ from typing import Any
 
 import submitit
 
-from asbatch.launch.errors import LaunchError, UnmetUpstreamError
+from asbatch.launch.errors import DamagedStateError, LaunchError, UnmetUpstreamError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord, now
 from asbatch.launch.runlog import detached_output
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
@@ -358,13 +358,31 @@ def cancel(sweep_dir: str | Path | SweepDir) -> list[str]:
         return [*slurm_ids, *pids]
 
 
+def _load_for_retry(manifest: Manifest, overrides: dict[str, Any], run_ids: set[str]) -> Sweep:
+    """The sweep's spec with the overrides the manifest recorded for `run_ids`. Overrides that the spec alone
+    does not explain (it loads without them) came from a hand-edited manifest: bad input naming it."""
+    from asbatch.spec import load_sweep
+    from asbatch.spec.errors import show
+
+    try:
+        return load_sweep(manifest.spec, overrides=overrides)
+    except (SpecError, OSError) as err:
+        error = err
+    try:
+        spec_loads = bool(overrides) and isinstance(error, SpecError) and load_sweep(manifest.spec) is not None
+    except (SpecError, OSError):
+        spec_loads = False
+    if spec_loads:
+        raise DamagedStateError(f"{manifest.path}: the overrides {show(overrides)} recorded for "
+                                f"{', '.join(sorted(run_ids))} do not apply to {manifest.spec}: {error}")
+    raise LaunchError(f"retry needs the sweep's spec {manifest.spec}: {error}")
+
+
 def retry(sweep_dir: str | Path | SweepDir, executor: str | None = None) -> Manifest:
     """Submit again the runs that failed, were cancelled, timed out, lost their node or ran out of memory
     (and did not finish), plus runs whose tasks wait on a failed upstream forever. One array per stage
     again, after the still-running upstream tasks. The configs and resources come from the spec the sweep
     was submitted from."""
-    from asbatch.spec import SpecError, load_sweep
-
     sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
     manifest = Manifest.load(sweep_dir)
     status = sweep_status(sweep_dir)
@@ -381,10 +399,7 @@ def retry(sweep_dir: str | Path | SweepDir, executor: str | None = None) -> Mani
             groups.setdefault(repr(sorted(record.overrides.items())), (record.overrides, set()))[1].add(run_id)
     submitted: list[StageSubmission] = []
     for overrides, run_ids in groups.values():
-        try:
-            sweep = load_sweep(manifest.spec, overrides=overrides)
-        except (SpecError, OSError) as err:
-            raise LaunchError(f"retry needs the sweep's spec {manifest.spec}: {err}") from None
+        sweep = _load_for_retry(manifest, overrides, run_ids)
         if sweep.name != manifest.sweep:
             raise LaunchError(f"{manifest.spec} is now sweep {sweep.name!r}, not {manifest.sweep!r}")
         gone = run_ids - {r.run_id for r in sweep.runs}
