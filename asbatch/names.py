@@ -112,3 +112,8 @@ def duration(seconds: float | None) -> str:
         return "-"
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+# $WANDB_MODE -> the mode a run uses: every value the installed wandb's Settings.mode accepts; one writer per
+# run, so `shared` is online, and `dryrun` / `run` are wandb's old names for offline / online
+WANDB_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline",
+               "run": "online", "shared": "online"}

@@ -208,6 +208,13 @@ def test_other_bad_arguments_and_environment(tmp_path):
     named = _write(tmp_path, "named.yaml", "sweep: a\nprofile: local\n")
     rejected(invoke("submit", named, "--dry-run", env={PROFILES_ENV: "~nosuchuser-asbatch/profiles"}),
              "$ASBATCH_PROFILES: '~nosuchuser-asbatch/profiles': '~nosuchuser-asbatch' names no user")
+    for command in (["run"], ["submit", "--executor", "local"]):
+        rejected(invoke(*command, spec, "--runs-root", tmp_path / "runs", env={"WANDB_MODE": "bogus"}),
+                 "WANDB_MODE='bogus': not a W&B mode (wandb accepts: online, offline, disabled, dryrun")
+    profile = _write(tmp_path, "p.yaml", "env: {WANDB_MODE: onlin}\n")
+    rejected(invoke("submit", _write(tmp_path, "w.yaml", f"sweep: a\nprofile: {profile}\n"), "--dry-run"),
+             "w.yaml: profile env WANDB_MODE='onlin': not a W&B mode")
+    assert not (tmp_path / "runs").exists()
     rejected(invoke("run", spec, "model.init_from=~nosuchuser-asbatch/m.pt"), "defaults.model.init_from: ",
              "names no user", "(set on the command line: model.init_from=~nosuchuser-asbatch/m.pt)")
     rejected(invoke("submit", spec, "--executor", "cloud"), "Invalid value for '--executor'")

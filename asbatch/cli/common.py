@@ -78,13 +78,25 @@ def load_sweep_or_exit(path: Path, stages: tuple[str, ...] = (), runs_root: Path
     try:
         if runs_root is not None:
             checked_runs_root(runs_root)
+        check_wandb_mode(os.environ)
         mapped, origin = spec_overrides(path, overrides)
         sweep = load_sweep(path, overrides=mapped, runs_root=runs_root)
+        check_wandb_mode(sweep.env, f"{path}: profile env ")
         selected = sweep.select_stages(stages)
         check_init_files(sweep, path)
         return sweep, selected, mapped
     except (SpecError, BadInput) as err:
         error_line(name_the_argument(str(err), origin), 2)
+
+
+def check_wandb_mode(env, where: str = "") -> None:
+    """$WANDB_MODE (of this process, or of the profile's env) is a mode wandb knows: anything else would be
+    ignored by `run` and fail W&B mid-run."""
+    from asbatch.names import WANDB_MODES
+
+    value = env.get("WANDB_MODE")
+    if value and value not in WANDB_MODES:  # empty: unset, as wandb reads it
+        raise BadInput(f"{where}WANDB_MODE={value!r}: not a W&B mode (wandb accepts: {', '.join(WANDB_MODES)})")
 
 
 def check_init_files(sweep, spec_path: Path) -> None:
