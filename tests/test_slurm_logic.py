@@ -5,6 +5,7 @@ tested in test_launch.py; these cover the states a cluster rarely shows on deman
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -180,6 +181,30 @@ def test_retry_with_hand_edited_overrides_in_the_manifest_is_bad_input_naming_it
     rejected(invoke("retry", "s", "--runs-root", tmp_path / "runs"), f"{manifest}: the overrides",
              "do not apply to", f"{next(iter(overrides))}:")
     assert len(slurm.calls("sbatch")) == 1
+
+
+def test_a_failed_sbatch_removes_what_that_submission_wrote_and_keeps_the_earlier_ones(tmp_path, slurm,
+                                                                                        monkeypatch):
+    from cli_helpers import invoke, rejected
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in root.rglob("*")}
+
+    refusing = tmp_path / "refusing"
+    refusing.mkdir()
+    (refusing / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed' >&2\nexit 1\n")
+    (refusing / "sbatch").chmod(0o755)
+    path, runs = spec(tmp_path, 1), tmp_path / "runs"
+    with monkeypatch.context() as m:
+        m.setenv("PATH", f"{refusing}:{os.environ['PATH']}")
+        rejected(invoke("submit", path, "--executor", "slurm", "--runs-root", runs), "sbatch failed", code=1)
+    assert not runs.exists(), tree(runs)  # no empty manifest, no pickles, no submission script, no lock
+    submit(load_sweep(path), runs, executor="slurm", spec_path=path)
+    before = tree(runs)
+    path = spec(tmp_path, 2)  # seed 0 is queued: only seed 1 is submitted, and that fails
+    monkeypatch.setenv("PATH", f"{refusing}:{os.environ['PATH']}")
+    rejected(invoke("submit", path, "--executor", "slurm", "--runs-root", runs), "sbatch failed", code=1)
+    assert tree(runs) == before
 
 
 def test_cancel_scancels_only_the_arrays_that_still_have_active_tasks(tmp_path, slurm):

@@ -22,6 +22,7 @@ run unfinished and fails at once, saying so (`TrainTask`), and `asbatch retry` r
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -212,11 +213,29 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
     # whose upstream is neither finished nor queued) fails here, with nothing written
     _plan(sweep, sweep_dir, kind, run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0], selected, only)
+    created = [p for p in (sweep_dir.path, sweep_dir.path.parent) if not p.exists()]  # innermost first
     _make_runs_root(sweep_dir.path.parent)
-    with sweep_dir.lock():
-        manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
-        manifest.overrides = dict(overrides or {})
-        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
+    try:
+        with sweep_dir.lock():
+            manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
+            manifest.overrides = dict(overrides or {})
+            return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
+    except LaunchError:
+        _remove_if_unused(sweep_dir, created)
+        raise
+
+
+def _remove_if_unused(sweep_dir: SweepDir, created: list[Path]) -> None:
+    """After a failed first submission: the lock file and the dirs this call created, where nothing else is
+    in them (rmdir never removes content, so an earlier or concurrent submission's files stay)."""
+    if sweep_dir.path in created and {p.name for p in sweep_dir.path.iterdir()} <= {sweep_dir.lock_file.name,
+                                                                                  sweep_dir.log_dir.name}:
+        with contextlib.suppress(OSError):
+            sweep_dir.log_dir.rmdir()
+            sweep_dir.lock_file.unlink()
+    for path in created:
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _check_script_strings(sweep: Sweep, sweep_dir: SweepDir) -> None:
@@ -282,6 +301,7 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
     stale = [job for plan in plans for job in plan.stale_jobs]
     if stale:  # tasks that wait on a failed upstream array forever; their runs are submitted again below
         run(["scancel", *stale])
+    before = _pending_files(sweep_dir)
     try:
         for plan in plans:
             if not plan.runs:
@@ -295,7 +315,8 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             ex.update_parameters(**plan.parameters)
             tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir),
                                label=point_label(r.point)) for r in plan.runs]
-            with ex.batch():
+            # sbatch runs when the batch closes; its error goes into the LaunchError, not a second line on stderr
+            with contextlib.redirect_stderr(io.StringIO()), ex.batch():
                 jobs = [ex.submit(task) for task in tasks]
             job_ids = [job.job_id for job in jobs]
             arrays[plan.name] = job_ids[0].split("_")[0]
@@ -305,13 +326,24 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             if not corresponding:
                 _set_task_dependencies(plan)
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
-        manifest.save()
+        for path in _pending_files(sweep_dir) - before:  # the failed array's pickles and script
+            path.unlink(missing_ok=True)
+        if arrays:  # saved after each array already; a first submission that failed leaves no empty manifest
+            manifest.save()
         detail = getattr(err, "stderr", None) or getattr(err, "output", None) or err
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
         done = ", ".join(f"{s}: {a}" for s, a in arrays.items()) or "nothing"
         raise LaunchError(f"sbatch failed for stage {plan.name!r}: {str(detail).strip()} "
                           f"(submitted before the failure: {done})") from err
+
+
+def _pending_files(sweep_dir: SweepDir) -> set[Path]:
+    """What submitit writes next to the job dirs before sbatch answers (moved into the job's dir after)."""
+    if not sweep_dir.log_dir.is_dir():
+        return set()
+    return {p for p in sweep_dir.log_dir.iterdir()
+            if p.is_file() and not p.is_symlink() and (p.suffix == ".pkl" or p.name.startswith(".submission_file_"))}
 
 
 def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest,
