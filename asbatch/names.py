@@ -118,3 +118,9 @@ def duration(seconds: float | None) -> str:
 def count(n: int, noun: str) -> str:
     """'1 run', '3 runs' (regular nouns only)."""
     return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+# $WANDB_MODE -> the mode a run uses: every value the installed wandb's Settings.mode accepts; one writer per
+# run, so `shared` is online, and `dryrun` / `run` are wandb's old names for offline / online
+WANDB_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline",
+               "run": "online", "shared": "online"}

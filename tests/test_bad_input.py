@@ -167,6 +167,7 @@ def test_env_values_are_exported_as_written(tmp_path):
     ("runs\n#SBATCH --qos=high", "--runs-root: control characters"),
     ("runs\r", "--runs-root: control characters"),
     ("runs/100%A", "--runs-root: '%' is not allowed"),
+    ("runs\udcff", "--runs-root: the path is not valid UTF-8"),  # the byte 0xff as a shell passes it
 ])
 def test_a_runs_root_that_would_inject_sbatch_lines_is_refused(runs_root, expected, tmp_path):
     spec = SPECS / "good" / "single_stage.yaml"
@@ -184,6 +185,18 @@ def test_the_submit_library_refuses_them_too(tmp_path):
     sweep = load_sweep(SPECS / "good" / "single_stage.yaml")
     with pytest.raises(SpecError, match="runs root: control characters"):
         submit(sweep, tmp_path / "a\nb", executor="local")
+    with pytest.raises(SpecError, match=r"runs root: .*not UTF-8"):
+        submit(sweep, tmp_path / "a\udcff", executor="local")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ("wait", "s", "--poll", "nan"), ("wait", "s", "--timeout", "nan"), ("wait", "s", "--timeout", "inf"),
+    ("sync", "s", "--timeout", "nan"), ("sync", "s", "--timeout", "inf"), ("sync", "s", "--timeout", "-inf"),
+])
+def test_a_float_option_that_is_not_a_finite_number_is_refused_while_parsing(args, tmp_path):
+    # before any sweep is looked up (no sweep `s` exists) and before `sync` starts a `wandb sync` child
+    rejected(invoke(*args, "--runs-root", tmp_path), f"Invalid value for '{args[2]}'", "is not a finite number")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -192,6 +205,18 @@ def test_other_bad_arguments_and_environment(tmp_path):
     rejected(invoke("submit", spec, "--dry-run", env={"ASBATCH_SIGNAL_DELAY_S": "soon"}),
              "$ASBATCH_SIGNAL_DELAY_S: expected whole seconds", "'soon'")
     rejected(invoke("run", spec, "--stage", "nope\n"), "--stage 'nope\\n' is not a stage")
+    named = _write(tmp_path, "named.yaml", "sweep: a\nprofile: local\n")
+    rejected(invoke("submit", named, "--dry-run", env={PROFILES_ENV: "~nosuchuser-asbatch/profiles"}),
+             "$ASBATCH_PROFILES: '~nosuchuser-asbatch/profiles': '~nosuchuser-asbatch' names no user")
+    for command in (["run"], ["submit", "--executor", "local"]):
+        rejected(invoke(*command, spec, "--runs-root", tmp_path / "runs", env={"WANDB_MODE": "bogus"}),
+                 "WANDB_MODE='bogus': not a W&B mode (wandb accepts: online, offline, disabled, dryrun")
+    profile = _write(tmp_path, "p.yaml", "env: {WANDB_MODE: onlin}\n")
+    rejected(invoke("submit", _write(tmp_path, "w.yaml", f"sweep: a\nprofile: {profile}\n"), "--dry-run"),
+             "w.yaml: profile env WANDB_MODE='onlin': not a W&B mode")
+    assert not (tmp_path / "runs").exists()
+    rejected(invoke("run", spec, "model.init_from=~nosuchuser-asbatch/m.pt"), "defaults.model.init_from: ",
+             "names no user", "(set on the command line: model.init_from=~nosuchuser-asbatch/m.pt)")
     rejected(invoke("submit", spec, "--executor", "cloud"), "Invalid value for '--executor'")
     (tmp_path / "file").write_text("")
     rejected(invoke("run", spec, "--runs-root", tmp_path / "file"), "--runs-root", "is a file")
@@ -230,11 +255,29 @@ def test_a_bare_weights_file_must_fit_the_model(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_run_of_a_later_stage_alone_needs_its_upstream_finished(tmp_path):
+@pytest.mark.parametrize("name", ["run dir", "its model.pt"])
+def test_the_weights_in_a_run_dir_must_fit_the_model_too(name, tmp_path):
+    import torch
+
+    run_dir = SweepDir.at(tmp_path / "pre", "p").run("pretrain-0123456789")
+    run_dir.write_config({"model": {"name": "mlp", "width": 8, "bayesian": False}, "data": {"name": "digits"}})
+    torch.save({"x": torch.zeros(2)}, run_dir.model_file)  # its config fits, its weights do not
+    target = run_dir.path if name == "run dir" else run_dir.model_file
+    spec = _write(tmp_path, "ft.yaml", f"sweep: s\ndefaults:\n  model: {{name: mlp, width: 8, init_from: {target}}}\n")
+    for command in (["run"], ["submit", "--executor", "local"]):
+        rejected(invoke(*command, spec, "--runs-root", tmp_path / "runs"),
+                 f"model.init_from {str(run_dir.model_file)!r}", "does not fit mlp", "Missing key(s)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_or_submit_of_a_later_stage_alone_needs_its_upstream_finished(tmp_path):
     spec = _write(tmp_path, "two.yaml", yaml.safe_dump({
         "sweep": "two", "defaults": {"cpu": True, "data": {"name": "digits"}, "model": {"name": "mlp"}},
         "stages": {"pre": {"config": {"model": {"bayesian": False}, "adversarial": {"lam": 0.0}}},
                    "ft": {"after": "pre", "init_from": "pre"}}}))
     rejected(invoke("run", spec, "--stage", "ft", "--runs-root", tmp_path / "runs"),
              "--stage ft: run ft-", "needs run pre-", "run stage 'pre' too")
+    for executor in ("local", "slurm", "debug"):
+        rejected(invoke("submit", spec, "--stage", "ft", "--executor", executor, "--runs-root", tmp_path / "runs"),
+                 "stage ft: run ft-", "needs run pre-", "which has not finished and is not queued")
     assert not (tmp_path / "runs").exists()

@@ -70,6 +70,8 @@ def test_a_one_run_config_takes_its_own_paths(tmp_path):
     assert (cfg["optim"]["lr"], cfg["seed"]) == (0.02, 4)
     rejected(invoke("show", config, "optim.lr=20"), "one.yaml: optim.lr", "less than or equal to 10",
              "(set on the command line: optim.lr=20)")
+    rejected(invoke("show", config, "defaults.seed=3"), "one.yaml: defaults: unknown key", "takes its own paths",
+             "(set on the command line: defaults.seed=3)")
 
 
 @pytest.mark.parametrize("command", ["run", "submit", "show"])
@@ -83,6 +85,11 @@ def test_a_one_run_config_takes_its_own_paths(tmp_path):
     ("=3", ["expected KEY=VALUE"]),
     ("x=[1", ["override 'x=[1': the value is not plain YAML"]),
     ("defaults.optim=3", ["defaults.optim", "3"]),
+    ("foo.bar=1", ["defaults.foo: unknown key", "(set on the command line: foo.bar=1)"]),
+    ("model.foo.bar=1", ["defaults.model.foo: unknown key", "(set on the command line: model.foo.bar=1)"]),
+    pytest.param(f"seed=[{','.join(map(str, range(20001)))}]",  # cut at 100 characters: the reason still shows
+                 ["override 'seed=[0,1,2,", "...: the value is not plain YAML (more than 20000 YAML nodes"],
+                 id="20001 seeds"),
 ])
 def test_bad_overrides_are_bad_input_with_the_specs_messages_and_nothing_is_written(tmp_path, command, override,
                                                                                      expected):

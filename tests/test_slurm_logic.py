@@ -5,6 +5,7 @@ tested in test_launch.py; these cover the states a cluster rarely shows on deman
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -166,6 +167,46 @@ def test_retry_cancels_stuck_tasks_and_resubmits_them_after_the_new_upstream_arr
     assert manifest.arrays[3].dependency == "afterok:1002"
     assert ["1001_0", "1001_1"] in slurm.calls("scancel"), "the stuck tasks are cancelled first"
     assert [len(a.run_ids) for a in manifest.arrays[2:]] == [1, 2]
+
+
+@pytest.mark.parametrize("overrides", [{"defaults.bogus": 1}, {"defaults.schedule.epochs": "two"}])
+def test_retry_with_hand_edited_overrides_in_the_manifest_is_bad_input_naming_it(overrides, tmp_path, slurm):
+    from cli_helpers import invoke, rejected
+
+    path = spec(tmp_path, 2)
+    submit(load_sweep(path), tmp_path / "runs", executor="slurm", spec_path=path)
+    slurm.set("1000_0", squeue=None, sacct="FAILED")
+    manifest = SweepDir(tmp_path / "runs" / "s").manifest_file
+    data = json.loads(manifest.read_text())
+    data["submissions"][0]["overrides"] = overrides
+    manifest.write_text(json.dumps(data))
+    rejected(invoke("retry", "s", "--runs-root", tmp_path / "runs"), f"{manifest}: the overrides",
+             "do not apply to", f"{next(iter(overrides))}:")
+    assert len(slurm.calls("sbatch")) == 1
+
+
+def test_a_failed_sbatch_removes_what_that_submission_wrote_and_keeps_the_earlier_ones(tmp_path, slurm,
+                                                                                        monkeypatch):
+    from cli_helpers import invoke, rejected
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in root.rglob("*")}
+
+    refusing = tmp_path / "refusing"
+    refusing.mkdir()
+    (refusing / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed' >&2\nexit 1\n")
+    (refusing / "sbatch").chmod(0o755)
+    path, runs = spec(tmp_path, 1), tmp_path / "runs"
+    with monkeypatch.context() as m:
+        m.setenv("PATH", f"{refusing}:{os.environ['PATH']}")
+        rejected(invoke("submit", path, "--executor", "slurm", "--runs-root", runs), "sbatch failed", code=1)
+    assert not runs.exists(), tree(runs)  # no empty manifest, no pickles, no submission script, no lock
+    submit(load_sweep(path), runs, executor="slurm", spec_path=path)
+    before = tree(runs)
+    path = spec(tmp_path, 2)  # seed 0 is queued: only seed 1 is submitted, and that fails
+    monkeypatch.setenv("PATH", f"{refusing}:{os.environ['PATH']}")
+    rejected(invoke("submit", path, "--executor", "slurm", "--runs-root", runs), "sbatch failed", code=1)
+    assert tree(runs) == before
 
 
 def test_cancel_scancels_only_the_arrays_that_still_have_active_tasks(tmp_path, slurm):

@@ -110,6 +110,8 @@ def test_auto_mode_is_offline_without_a_key_and_env_overrides(monkeypatch, tmp_p
     assert tracking.resolve_mode("online") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert tracking.resolve_mode("online") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # wandb's old name for offline: the CLI accepts it, so it counts
+    assert tracking.resolve_mode("online") == "offline"
 
 
 def test_auto_mode_with_a_key_but_no_network_is_offline(monkeypatch):

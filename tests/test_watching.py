@@ -221,7 +221,13 @@ def test_run_and_a_local_submit_give_the_same_results_and_each_run_has_its_own_l
 
 def test_status_of_a_sweep_made_by_run_fits_80_and_120_columns(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", "made")
-    assert asbatch("run", spec, "--runs-root", tmp_path / "runs").returncode == 0
+    ran = asbatch("run", spec, "--runs-root", tmp_path / "runs", env=env(COLUMNS="0"))
+    assert ran.returncode == 0 and "made: Bayesian runs" in ran.stdout, ran.stdout  # COLUMNS=0: 40 columns
+    assert "the terminal is 40 columns wide" in " ".join(ran.stdout.split()), ran.stdout
+    for width in ("0", "1", "x"):  # a width below 40 is 40; one that is not a number is ignored (80)
+        out = asbatch("status", "made", "--runs-root", tmp_path / "runs", env=env(COLUMNS=width)).stdout
+        assert "2 runs: 2 COMPLETED" in out and max(len(line) for line in out.splitlines()) <= 80, out
+        assert len(out.splitlines()) < 15, out
     results = {d.name: json.loads((d / "results.json").read_text()) for d in run_dirs(tmp_path / "runs" / "made")}
     for width in (80, 120):
         out = asbatch("status", "made", "--runs-root", tmp_path / "runs", env=env(COLUMNS=str(width))).stdout

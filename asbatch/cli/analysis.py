@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from asbatch.cli.app import main
-from asbatch.cli.common import any_sweep_dir, fail, runs_root_option, sweep_argument
+from asbatch.cli.common import FiniteFloat, any_sweep_dir, fail, runs_root_option, sweep_argument
 
 
 def _finished_records(sweep_dir: Path, **how):
@@ -77,8 +77,8 @@ def report_command(sweep: str, to_wandb: bool | None, runs_root: Path) -> None:
 
 @main.command("sync", short_help="Upload a sweep's offline W&B runs (from a login node).")
 @sweep_argument()
-@click.option("--timeout", "timeout_s", type=click.FloatRange(1, None), default=600.0, show_default=True,
-              help="seconds one `wandb sync` (one segment) may take")
+@click.option("--timeout", "timeout_s", type=FiniteFloat(1), default=600.0, show_default=True,
+              help="seconds one `wandb sync` (one segment) may take (at most a year)")
 @runs_root_option
 def sync_command(sweep: str, timeout_s: float, runs_root: Path) -> None:
     """Upload a sweep's offline W&B runs (from a login node with internet); each run's segments are synced

@@ -1,13 +1,14 @@
 """What every command shares: the runs-root option, checking input at the door, finding a sweep, errors.
 
 The door, in order, for `run` and `submit`: the runs root (a string that reaches job scripts), the spec
-(asbatch.spec: no torch), `--stage`, a bare weights file named by `model.init_from` (the one check that
-loads torch, only when there is such a file), then the data of every run (exit 1 when missing), and only
+(asbatch.spec: no torch), `--stage`, a weights file or run dir named by `model.init_from` (the one check
+that loads torch, only when there is such a file), then the data of every run (exit 1 when missing), and only
 then is anything created. Bad input is `BadInput` / `SpecError` (exit 2, see `asbatch.cli.app`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -40,9 +41,10 @@ def root_flag(runs_root: str | Path) -> str:
 
 
 def checked_runs_root(runs_root: Path) -> Path:
-    """The runs root, refused when it could inject lines into a job script (a control character) or change a
-    Slurm file name (`%`): every log path and run dir is under it. Nothing is created here."""
-    from asbatch.spec.loading import CONTROL
+    """The runs root, refused when it could inject lines into a job script (a control character), change a
+    Slurm file name (`%`) or not be written into UTF-8 text (job scripts, the manifest): every log path and
+    run dir is under it. Nothing is created here."""
+    from asbatch.spec.loading import CONTROL, is_utf8
 
     origin = "--runs-root" if os.environ.get(RUNS_ENV) != str(runs_root) else f"${RUNS_ENV}"
     for text in (str(runs_root), str(Path(runs_root).absolute())):
@@ -51,6 +53,8 @@ def checked_runs_root(runs_root: Path) -> Path:
                            f"path that reaches job scripts (got {text!r})")
         if "%" in text:
             raise BadInput(f"{origin}: '%' is not allowed (Slurm reads %j, %A... in log paths) (got {text!r})")
+        if not is_utf8(text):  # job scripts, logs and the manifest are UTF-8 text
+            raise BadInput(f"{origin}: the path is not valid UTF-8 (got {text!r})")
     if len(str(Path(runs_root).absolute())) > 3000:
         raise BadInput(f"{origin}: a path of more than 3000 characters")
     if runs_root.exists() and not runs_root.is_dir():
@@ -81,8 +85,10 @@ def load_sweep_or_exit(path: Path, stages: tuple[str, ...] = (), runs_root: Path
     try:
         if runs_root is not None:
             checked_runs_root(runs_root)
+        check_wandb_mode(os.environ)
         mapped, origin = spec_overrides(path, overrides)
         sweep = load_sweep(path, overrides=mapped, runs_root=runs_root)
+        check_wandb_mode(sweep.env, f"{path}: profile env ")
         selected = sweep.select_stages(stages)
         check_init_files(sweep, path)
         return sweep, selected, mapped
@@ -90,18 +96,31 @@ def load_sweep_or_exit(path: Path, stages: tuple[str, ...] = (), runs_root: Path
         error_line(name_the_argument(str(err), origin), 2)
 
 
+def check_wandb_mode(env, where: str = "") -> None:
+    """$WANDB_MODE (of this process, or of the profile's env) is a mode wandb knows: anything else would be
+    ignored by `run` and fail W&B mid-run."""
+    from asbatch.names import WANDB_MODES
+
+    value = env.get("WANDB_MODE")
+    if value and value not in WANDB_MODES:  # empty: unset, as wandb reads it
+        raise BadInput(f"{where}WANDB_MODE={value!r}: not a W&B mode (wandb accepts: {', '.join(WANDB_MODES)})")
+
+
 def check_init_files(sweep, spec_path: Path) -> None:
-    """A bare weights file named by `model.init_from` (not a run of this sweep, not a run dir) must load into
-    the deterministic twin of each run's model: the spec checks could not look inside it without torch."""
+    """A weights file named by `model.init_from` (a file, or a run dir's model.pt once that run has finished;
+    not a `run:` of a sweep) must load into the deterministic twin of each run's model: the spec checks
+    compared a run dir's config but could not look inside its weights without torch."""
     from asbatch.datafiles import FACTS
     from asbatch.rundir import RunDir, ref_run_id
+    from asbatch.spec.errors import user_path
 
     files = {}
     for run in sweep.runs:
         value = run.config.model.init_from
-        if value and ref_run_id(value) is None and not Path(value).expanduser().is_dir():
-            path = Path(value).expanduser()
-            if path != RunDir(path.parent).model_file or not RunDir(path.parent).config_file.is_file():
+        if value and ref_run_id(value) is None:
+            path = user_path(value, "model.init_from")
+            path = RunDir(path).model_file if path.is_dir() else path
+            if path.is_file():  # a run dir without its model.pt has not finished: nothing to check yet
                 m, data = run.config.model, FACTS[run.config.data.name]
                 files.setdefault((path, m.name, m.width, data.num_classes, data.image_shape[0]), run)
     if not files:
@@ -194,14 +213,38 @@ def any_sweep_dir(runs_root: Path, sweep: str) -> Path:
     raise AssertionError  # unreachable: fail exits
 
 
+MIN_WIDTH = 40  # narrower, every column would be dropped or folded into one character a line
+
+
 def console():
-    """A console as wide as the terminal (80 columns off a terminal, or $COLUMNS): tables fit, never wrap."""
+    """A console as wide as the terminal (80 columns off a terminal, or $COLUMNS; rich ignores a COLUMNS that
+    is not a number) but at least MIN_WIDTH: `COLUMNS=0` must not hide every table. Tables fit, never wrap."""
     from rich.console import Console
 
-    return Console()
+    out = Console()
+    return out if out.width >= MIN_WIDTH else Console(width=MIN_WIDTH)
 
 
 # ------------------------------------------------------------------------------- arguments and completion
+
+YEAR_S = 365 * 24 * 3600.0
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option within [min, max] that is a number: `nan` passes every comparison and `inf` overflows
+    the timers it reaches (a sleep, a child's timeout), so both are refused while parsing (exit 2)."""
+
+    name = "float"
+
+    def __init__(self, min: float, max: float = YEAR_S) -> None:
+        super().__init__(min, max)
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
 
 def spec_argument(metavar: str = "SPEC"):
     return click.argument("spec_path", metavar=metavar, type=click.Path(exists=True, dir_okay=False, path_type=Path))

@@ -13,7 +13,6 @@ from asbatch.cli.common import (
     checked_runs_root,
     fail,
     load_sweep_or_exit,
-    make_runs_root,
     overrides_argument,
     root_flag,
     runs_root_option,
@@ -47,14 +46,12 @@ def submit_command(spec_path: Path, overrides: tuple[str, ...], executor: str, d
     """
     sweep, selected, mapped = load_sweep_or_exit(spec_path, stages, runs_root, overrides)
     check_data_or_exit(sweep, selected, dry_run=dry_run)
-    from asbatch.launch import DamagedStateError, LaunchError, submit
+    from asbatch.launch import DamagedStateError, LaunchError, UnmetUpstreamError, submit
 
-    if not dry_run:
-        make_runs_root(runs_root)
-    try:
+    try:  # submit() creates the runs root once the plan stands: a plan that cannot be submitted writes nothing
         manifest = submit(sweep, runs_root, executor=executor, stages=stages or None, dry_run=dry_run,
                           spec_path=spec_path, overrides=mapped)
-    except DamagedStateError as err:
+    except (DamagedStateError, UnmetUpstreamError) as err:
         fail(err, 2)
     except LaunchError as err:
         fail(err)

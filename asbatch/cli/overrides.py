@@ -12,6 +12,7 @@ configs (so of their run ids).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -37,20 +38,27 @@ def _is_sequence_field(path: str) -> bool:
     return any(get_origin(k) in (tuple, list) or k in (tuple, list) for k in kinds)
 
 
+def _as_typed(arg: str) -> str:
+    """An argument as a message quotes it after `set on the command line:`: unquoted, escaped, cut at 100."""
+    text = repr(arg)[1:-1]
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def parse_pairs(args: Sequence[str]) -> list[tuple[str, str, Any]]:
     """`key=value` arguments -> (argument, key, YAML value); a malformed one is bad input."""
     from asbatch.spec import SpecError, parse_yaml
+    from asbatch.spec.errors import show
 
     pairs = []
     for arg in args:
         key, sep, text = arg.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise BadInput(f"override {arg!r}: expected KEY=VALUE with a dotted key (e.g. schedule.epochs=2)")
+            raise BadInput(f"override {show(arg)}: expected KEY=VALUE with a dotted key (e.g. schedule.epochs=2)")
         try:
             value = parse_yaml(text) if text.strip() else None
-        except SpecError as err:
-            raise BadInput(f"override {arg!r}: the value is not plain YAML ({err})") from None
+        except SpecError as err:  # cut: the reason must not drown behind a 20,000-value argument
+            raise BadInput(f"override {show(arg)}: the value is not plain YAML ({show(str(err))[1:-1]})") from None
         pairs.append((arg, key, value))
     return pairs
 
@@ -74,7 +82,11 @@ def spec_overrides(path: Path, args: Sequence[str]) -> tuple[dict[str, Any], dic
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for arg, key, value in pairs:
-        if not is_spec or key.split(".")[0] in (*SPEC_ONLY, "sweep"):
+        head = key.split(".")[0]
+        if isinstance(data, dict) and not is_spec and head in SPEC_ONLY:  # it would turn the file into a spec
+            raise BadInput(f"{path}: {head}: unknown key (a file holding one run's config takes its own paths, "
+                           f"e.g. {key.partition('.')[2] or 'seed'}=...) (set on the command line: {_as_typed(arg)})")
+        if not is_spec or head in (*SPEC_ONLY, "sweep"):
             target = key
         elif key in grid or (isinstance(value, list) and not _is_sequence_field(key)):
             target, value = f"grid.{key}", value if isinstance(value, list) else [value]
@@ -87,6 +99,13 @@ def spec_overrides(path: Path, args: Sequence[str]) -> tuple[dict[str, Any], dic
 
 
 def name_the_argument(message: str, origin: dict[str, str]) -> str:
-    """A spec message about an overridden field, with the command-line argument that set it."""
-    hits = [arg for target, arg in origin.items() if target in message]
-    return f"{message} (set on the command line: {hits[0]})" if hits else message
+    """A spec message about an overridden field, with the command-line argument that set it: the message
+    names the field or, for an unknown key, the first part of its path that is unknown (`defaults.foo:` for
+    `foo.bar=1`)."""
+    def names(target: str) -> bool:
+        parts = target.split(".")
+        return target in message or any(re.search(rf"(?<![\w.]){re.escape('.'.join(parts[:n]))}:", message)
+                                        for n in range(len(parts) - 1, 0, -1))
+
+    hits = [arg for target, arg in origin.items() if names(target)]
+    return f"{message} (set on the command line: {_as_typed(hits[0])})" if hits else message

@@ -123,16 +123,16 @@ def _interrupted(what: str, code: int) -> None:
 
 def _print_table(sweep: str, results: list[dict], runs_root: Path) -> None:
     from rich import box
-    from rich.console import Console
 
     from asbatch.analysis import record_from_results, run_table
     from asbatch.analysis.effect import as_effect_lines
+    from asbatch.cli.common import console as make_console
     from asbatch.cli.common import fit_table, root_flag
 
     bayesian = [r for r in results if r["config"]["model"]["bayesian"]]
     if not bayesian:
         return
-    console = Console()
+    console = make_console()
     table = run_table(bayesian, title=f"{sweep}: Bayesian runs (accuracy in %)")
     table.box, table.title_justify, table.show_edge = box.SIMPLE_HEAD, "left", False
     kept = [c.header for c in table.columns if str(c.header).endswith("kept")]

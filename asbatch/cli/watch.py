@@ -9,6 +9,7 @@ import click
 
 from asbatch.cli.app import main
 from asbatch.cli.common import (
+    FiniteFloat,
     any_sweep_dir,
     complete_runs,
     fail,
@@ -134,9 +135,10 @@ def progress_line(st) -> str:
 
 @main.command("wait", short_help="Block until a sweep's runs are done; exit 1 if any failed.")
 @sweep_argument()
-@click.option("--poll", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+@click.option("--poll", type=FiniteFloat(0.1, 3600), default=10.0, show_default=True,
               help="seconds between looks at the sweep")
-@click.option("--timeout", type=click.FloatRange(0, None), default=None, help="give up after this many seconds")
+@click.option("--timeout", type=FiniteFloat(0), default=None,
+              help="give up after this many seconds (at most a year)")
 @runs_root_option
 def wait_command(sweep: str, poll: float, timeout: float | None, runs_root: Path) -> None:
     """Block until no run of SWEEP is queued or running, printing a line whenever its progress changes.

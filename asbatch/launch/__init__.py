@@ -8,7 +8,7 @@
 - `task`: on the compute node: the submitted callables, signals, distributed env, requeue.
 """
 
-from asbatch.launch.errors import DamagedStateError, LaunchError
+from asbatch.launch.errors import DamagedStateError, LaunchError, UnmetUpstreamError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord
 from asbatch.launch.status import RunStatus, SweepStatus, sweep_status, wait_for_sweep
 from asbatch.launch.submit import StageSubmission, cancel, resolve_executor, retry, submit
@@ -26,6 +26,7 @@ __all__ = [
            "SubmissionRecord",
            "SweepStatus",
            "TrainTask",
+           "UnmetUpstreamError",
            "cancel",
            "export_distributed_env",
            "resolve_executor",

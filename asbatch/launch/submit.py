@@ -22,6 +22,7 @@ run unfinished and fails at once, saying so (`TrainTask`), and `asbatch retry` r
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ from typing import Any
 
 import submitit
 
-from asbatch.launch.errors import LaunchError
+from asbatch.launch.errors import DamagedStateError, LaunchError, UnmetUpstreamError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord, now
 from asbatch.launch.runlog import detached_output
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
@@ -42,7 +43,7 @@ from asbatch.launch.task import SequentialTask, TrainTask
 from asbatch.names import EXECUTORS, point_label
 from asbatch.rundir import SweepDir
 from asbatch.spec import SpecError, Sweep, SweepRun, SweepStage
-from asbatch.spec.loading import CONTROL
+from asbatch.spec.loading import CONTROL, is_utf8
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _add_upstream(plan: StageSubmission, kind: str, stage: SweepStage, run_: Swe
         raise LaunchError(f"stage {stage.name}: upstream run {up_id} ({up_stage}) is still running "
                           f"under the {up.executor} executor; wait for it, then submit again")
     else:
-        raise LaunchError(f"stage {stage.name}: run {run_.run_id} needs run {up_id} of stage "
+        raise UnmetUpstreamError(f"stage {stage.name}: run {run_.run_id} needs run {up_id} of stage "
                           f"{up_stage!r}, which has not finished and is not queued; submit stage {up_stage!r} too")
 
 
@@ -212,10 +213,29 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
     # whose upstream is neither finished nor queued) fails here, with nothing written
     _plan(sweep, sweep_dir, kind, run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0], selected, only)
-    with sweep_dir.lock():
-        manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
-        manifest.overrides = dict(overrides or {})
-        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
+    created = [p for p in (sweep_dir.path, sweep_dir.path.parent) if not p.exists()]  # innermost first
+    _make_runs_root(sweep_dir.path.parent)
+    try:
+        with sweep_dir.lock():
+            manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
+            manifest.overrides = dict(overrides or {})
+            return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
+    except LaunchError:
+        _remove_if_unused(sweep_dir, created)
+        raise
+
+
+def _remove_if_unused(sweep_dir: SweepDir, created: list[Path]) -> None:
+    """After a failed first submission: the lock file and the dirs this call created, where nothing else is
+    in them (rmdir never removes content, so an earlier or concurrent submission's files stay)."""
+    if sweep_dir.path in created and {p.name for p in sweep_dir.path.iterdir()} <= {sweep_dir.lock_file.name,
+                                                                                  sweep_dir.log_dir.name}:
+        with contextlib.suppress(OSError):
+            sweep_dir.log_dir.rmdir()
+            sweep_dir.lock_file.unlink()
+    for path in created:
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _check_script_strings(sweep: Sweep, sweep_dir: SweepDir) -> None:
@@ -225,8 +245,17 @@ def _check_script_strings(sweep: Sweep, sweep_dir: SweepDir) -> None:
     texts = {"runs root": str(sweep_dir.path), "sweep name": sweep.name,
              **{f"env {name}": value for name, value in sweep.env.items()}}
     for what, text in texts.items():
-        if CONTROL.search(text) or (what == "runs root" and "%" in text):
-            raise SpecError(f"{what}: control characters (or '%' in a path) cannot go into a job script (got {text!r})")
+        if CONTROL.search(text) or (what == "runs root" and "%" in text) or not is_utf8(text):
+            raise SpecError(f"{what}: control characters (or '%' in a path, or bytes that are not UTF-8) cannot go "
+                            f"into a job script (got {text!r})")
+
+
+def _make_runs_root(root: Path) -> None:
+    """Create the runs root once the plan stands (a failure is a LaunchError naming it, not a traceback)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LaunchError(f"cannot create the runs root {str(root)!r}: {err.strerror or err}") from None
 
 
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
@@ -272,6 +301,7 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
     stale = [job for plan in plans for job in plan.stale_jobs]
     if stale:  # tasks that wait on a failed upstream array forever; their runs are submitted again below
         run(["scancel", *stale])
+    before = _pending_files(sweep_dir)
     try:
         for plan in plans:
             if not plan.runs:
@@ -285,7 +315,8 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             ex.update_parameters(**plan.parameters)
             tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir),
                                label=point_label(r.point)) for r in plan.runs]
-            with ex.batch():
+            # sbatch runs when the batch closes; its error goes into the LaunchError, not a second line on stderr
+            with contextlib.redirect_stderr(io.StringIO()), ex.batch():
                 jobs = [ex.submit(task) for task in tasks]
             job_ids = [job.job_id for job in jobs]
             arrays[plan.name] = job_ids[0].split("_")[0]
@@ -295,13 +326,24 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             if not corresponding:
                 _set_task_dependencies(plan)
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
-        manifest.save()
+        for path in _pending_files(sweep_dir) - before:  # the failed array's pickles and script
+            path.unlink(missing_ok=True)
+        if arrays:  # saved after each array already; a first submission that failed leaves no empty manifest
+            manifest.save()
         detail = getattr(err, "stderr", None) or getattr(err, "output", None) or err
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
         done = ", ".join(f"{s}: {a}" for s, a in arrays.items()) or "nothing"
         raise LaunchError(f"sbatch failed for stage {plan.name!r}: {str(detail).strip()} "
                           f"(submitted before the failure: {done})") from err
+
+
+def _pending_files(sweep_dir: SweepDir) -> set[Path]:
+    """What submitit writes next to the job dirs before sbatch answers (moved into the job's dir after)."""
+    if not sweep_dir.log_dir.is_dir():
+        return set()
+    return {p for p in sweep_dir.log_dir.iterdir()
+            if p.is_file() and not p.is_symlink() and (p.suffix == ".pkl" or p.name.startswith(".submission_file_"))}
 
 
 def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest,
@@ -348,13 +390,31 @@ def cancel(sweep_dir: str | Path | SweepDir) -> list[str]:
         return [*slurm_ids, *pids]
 
 
+def _load_for_retry(manifest: Manifest, overrides: dict[str, Any], run_ids: set[str]) -> Sweep:
+    """The sweep's spec with the overrides the manifest recorded for `run_ids`. Overrides that the spec alone
+    does not explain (it loads without them) came from a hand-edited manifest: bad input naming it."""
+    from asbatch.spec import load_sweep
+    from asbatch.spec.errors import show
+
+    try:
+        return load_sweep(manifest.spec, overrides=overrides)
+    except (SpecError, OSError) as err:
+        error = err
+    try:
+        spec_loads = bool(overrides) and isinstance(error, SpecError) and load_sweep(manifest.spec) is not None
+    except (SpecError, OSError):
+        spec_loads = False
+    if spec_loads:
+        raise DamagedStateError(f"{manifest.path}: the overrides {show(overrides)} recorded for "
+                                f"{', '.join(sorted(run_ids))} do not apply to {manifest.spec}: {error}")
+    raise LaunchError(f"retry needs the sweep's spec {manifest.spec}: {error}")
+
+
 def retry(sweep_dir: str | Path | SweepDir, executor: str | None = None) -> Manifest:
     """Submit again the runs that failed, were cancelled, timed out, lost their node or ran out of memory
     (and did not finish), plus runs whose tasks wait on a failed upstream forever. One array per stage
     again, after the still-running upstream tasks. The configs and resources come from the spec the sweep
     was submitted from."""
-    from asbatch.spec import SpecError, load_sweep
-
     sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
     manifest = Manifest.load(sweep_dir)
     status = sweep_status(sweep_dir)
@@ -371,10 +431,7 @@ def retry(sweep_dir: str | Path | SweepDir, executor: str | None = None) -> Mani
             groups.setdefault(repr(sorted(record.overrides.items())), (record.overrides, set()))[1].add(run_id)
     submitted: list[StageSubmission] = []
     for overrides, run_ids in groups.values():
-        try:
-            sweep = load_sweep(manifest.spec, overrides=overrides)
-        except (SpecError, OSError) as err:
-            raise LaunchError(f"retry needs the sweep's spec {manifest.spec}: {err}") from None
+        sweep = _load_for_retry(manifest, overrides, run_ids)
         if sweep.name != manifest.sweep:
             raise LaunchError(f"{manifest.spec} is now sweep {sweep.name!r}, not {manifest.sweep!r}")
         gone = run_ids - {r.run_id for r in sweep.runs}

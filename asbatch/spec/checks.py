@@ -23,7 +23,7 @@ import yaml
 from asbatch.config import RunConfig
 from asbatch.datafiles import FACTS
 from asbatch.rundir import RunDir, SweepDir, ref_run_id
-from asbatch.spec.errors import SpecError, show
+from asbatch.spec.errors import SpecError, show, user_path
 
 Where = Callable[[tuple], str]
 
@@ -87,7 +87,7 @@ def _check_init_source(config: RunConfig, field: str, value: str, run_id: str | 
             raise SpecError(f"{field}: run {run_id} has no trained model in {run_dir.path.parent} (no such run, or "
                             "it has not finished)")
     else:
-        path = Path(value).expanduser()
+        path = user_path(value, field)
         run_dir = RunDir(path if path.is_dir() else path.parent)
         weights = run_dir.model_file if path.is_dir() else path
         if not weights.is_file():

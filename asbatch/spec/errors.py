@@ -52,6 +52,16 @@ def show(value: Any) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
+def user_path(value: str, field: str) -> Path:
+    """`value` as a path with `~` / `~user` expanded; a `~user` without a home directory is a SpecError
+    naming `field` (Path.expanduser raises a RuntimeError that names neither the field nor the value)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise SpecError(f"{field}: {show(value)}: {show(value.split('/')[0])} names no user with a home "
+                        "directory") from None
+
+
 def did_you_mean(word: Any, candidates: Sequence[str] | dict) -> str:
     """'; did you mean X?' for a close match, or else for a key the word abbreviates ('gpus' -> 'gpus_per_node')."""
     names = [str(c) for c in candidates]

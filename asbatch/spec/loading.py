@@ -45,6 +45,16 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _CORE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: a path's bytes that are not UTF-8 (`\\xff`) reach Python as
+    lone surrogates, which no job script, log line or JSON file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Refused(yaml.YAMLError):
     """A limit or rule of ours, raised while composing; carries its message and where it happened."""
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from asbatch.names import NAME, NAME_RULE
-from asbatch.spec.errors import SpecError, did_you_mean, model_keys, show, validate
+from asbatch.spec.errors import SpecError, did_you_mean, model_keys, show, user_path, validate
 from asbatch.spec.loading import CONTROL, kind, read_yaml, reject_control_chars
 
 PROFILES_ENV = "ASBATCH_PROFILES"
@@ -315,7 +315,7 @@ def shipped_profiles_dir() -> Path:
 
 def profile_dirs() -> list[Path]:
     """Where profile names are looked up: the dirs in $ASBATCH_PROFILES (os.pathsep-separated), then ours."""
-    extra = [Path(p).expanduser() for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
+    extra = [user_path(p, f"${PROFILES_ENV}") for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
     return [*extra, shipped_profiles_dir()]
 
 
@@ -337,7 +337,7 @@ def _is_path(ref: str) -> bool:
 def find_profile(ref: str, base_dir: Path | None = None) -> Path:
     """A profile name -> its file; a ref with '/' or a .yaml suffix is a path (relative to `base_dir`)."""
     if _is_path(ref):
-        path = Path(ref).expanduser()
+        path = user_path(ref, "profile")
         path = path if path.is_absolute() or base_dir is None else base_dir / path
         if not _is_file(path):
             raise SpecError(f"profile: no profile file at {show(str(path))}")

@@ -25,6 +25,7 @@ from typing import Any
 
 from asbatch.config import RunConfig
 from asbatch.figures import reliability_diagram, retained_curve
+from asbatch.names import WANDB_MODES
 from asbatch.rundir import RunDir, offline_segments
 from asbatch.tracking.keys import flatten_evaluation
 from asbatch.tracking.offline import Segment, read_finished_segment, read_segment
@@ -70,9 +71,10 @@ def can_reach(host: str | None = None, port: int | None = None, timeout: float =
 
 
 def resolve_mode(mode: str) -> str:
-    """auto -> offline without an API key or without network, else online. WANDB_MODE overrides all."""
-    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
-        return os.environ["WANDB_MODE"]
+    """auto -> offline without an API key or without network, else online. WANDB_MODE overrides all (the CLI
+    refused a value wandb does not know at the door)."""
+    if os.environ.get("WANDB_MODE") in WANDB_MODES:
+        return WANDB_MODES[os.environ["WANDB_MODE"]]
     if mode != "auto":
         return mode
     return "online" if has_api_key() and can_reach() else "offline"
