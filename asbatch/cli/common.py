@@ -188,7 +188,7 @@ def _known_sweeps(runs_root: Path, name: str, submitted: bool = False) -> str:
 
     try:
         known = [d.name for d in list_sweeps(runs_root) if d.is_submitted() or not submitted]
-    except OSError:  # an unreadable runs root: the message stays without the list
+    except (OSError, ValueError):  # an unreadable runs root (RunDirError): the message stays without the list
         return ""
     hint = ""
     if Path(name).suffix in (".yaml", ".yml"):
