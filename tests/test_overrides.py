@@ -60,7 +60,7 @@ def test_a_list_sets_a_grid_axis_and_one_value_replaces_an_axis(tmp_path):
     assert len(milestones) == 4 and {tuple(c["schedule"]["milestones"]) for _, c in milestones} == {(1, 2)}
     first = shown(spec, "schedule.epochs=2")[0][0]
     header = invoke("show", spec, "schedule.epochs=2", "--run", first[:12]).output.splitlines()
-    assert header[0].endswith("1 run(s); overrides: defaults.schedule.epochs=2")
+    assert header[0].endswith("1 run; overrides: defaults.schedule.epochs=2")
     assert header[1].startswith(f"# run {first}  stage train  grid point: lam=0 seed=0")
 
 

@@ -107,7 +107,7 @@ def check_wandb_mode(env, where: str = "") -> None:
 
 
 def check_init_files(sweep, spec_path: Path) -> None:
-    """A weights file named by `model.init_from` (a file, or a run dir's model.pt once that run has finished;
+    """A weights file named by `model.init_from` (a file, or a run dir's final weights once it has finished;
     not a `run:` of a sweep) must load into the deterministic twin of each run's model: the spec checks
     compared a run dir's config but could not look inside its weights without torch."""
     from asbatch.datafiles import FACTS
@@ -120,7 +120,7 @@ def check_init_files(sweep, spec_path: Path) -> None:
         if value and ref_run_id(value) is None:
             path = user_path(value, "model.init_from")
             path = RunDir(path).model_file if path.is_dir() else path
-            if path.is_file():  # a run dir without its model.pt has not finished: nothing to check yet
+            if path.is_file():  # a run dir without its final weights has not finished: nothing to check yet
                 m, data = run.config.model, FACTS[run.config.data.name]
                 files.setdefault((path, m.name, m.width, data.num_classes, data.image_shape[0]), run)
     if not files:
