@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from click.testing import CliRunner
 
 from asbatch.cli import main
 from asbatch.launch import Manifest, submit, sweep_status
+from asbatch.rundir import RunDir
 from asbatch.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,6 +419,8 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
         assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", (kind, history)
         log = (run_dir.parent / ".slurm" / jobs[kind] / f"{jobs[kind]}_0_log.out").read_text()
         assert re.search(rf"^{run_dir.name}: .* \| resumed (in|after) epoch ", log, re.M), log
+        err = (run_dir.parent / ".slurm" / jobs[kind] / f"{jobs[kind]}_0_log.err").read_text()
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]  # W&B's service died too
     usr2 = json.loads((run_dirs["usr2"] / "requeues.json").read_text())
     assert usr2["count"] == 1, "the USR2'd task requeued itself once"
     assert not (run_dirs["requeue"] / "requeues.json").exists(), "on SIGTERM Slurm requeues, not the task"
@@ -587,6 +591,43 @@ def test_submitit_checkpoint_fallback_counts_requeues_and_stops_at_the_limit(tmp
 
 
 @pytest.mark.slow
+def test_the_requeue_limit_is_per_job_so_a_retry_starts_afresh(tmp_path, monkeypatch):
+    from asbatch.launch import MAX_REQUEUES
+    from asbatch.launch.task import count_requeue
+
+    run_dir = RunDir(tmp_path / "run")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    for n in range(1, MAX_REQUEUES + 1):
+        assert count_requeue(run_dir, n, "scontrol requeue") == n
+    assert count_requeue(run_dir, 99, "scontrol requeue") is None, "job 100_3 is at its limit"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "200")  # `asbatch retry`: a new job
+    assert count_requeue(run_dir, 100, "scontrol requeue") == MAX_REQUEUES + 1
+
+
+def test_a_task_at_its_requeue_limit_records_why_it_stopped(tmp_path, monkeypatch):
+    """USR2 with no requeue left: the job ends, and `asbatch status` must say why (a failure record)."""
+    from asbatch.launch import MAX_REQUEUES, TrainTask
+
+    monkeypatch.setenv("SLURM_JOB_ID", "555")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.write_requeues({"count": MAX_REQUEUES, "events": [{"array_task": "555"}] * MAX_REQUEUES})
+    config = {"sweep": "cap", "cpu": True, "data": {"name": "digits", "batch_size": 32}, "model": {"name": "mlp"},
+              "schedule": {"epochs": 50}, "tracking": {"wandb": "disabled"}}
+
+    def usr2_once_training() -> None:
+        while not run_dir.metrics_file.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=usr2_once_training, daemon=True).start()
+    with pytest.raises(SystemExit, match=f"requeued {MAX_REQUEUES} times already: not requeued"):
+        TrainTask(config, run_dir.path)()
+    failure = run_dir.read_failure()
+    assert failure.startswith("NotRequeued: stopped at step ") and "`asbatch retry` resumes it" in failure, failure
+
+
 def test_local_executor_returns_at_once_and_trains_the_stages_in_order(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", "local", TWO_STAGES, grid={"seed": [0, 1]})
     start = time.monotonic()

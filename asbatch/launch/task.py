@@ -127,9 +127,11 @@ def _task_job_id() -> str | None:
 
 
 def count_requeue(run_dir: RunDir, step: int | None, via: str) -> int | None:
-    """Add one requeue to the run's requeue record; None (and nothing written) at the limit."""
+    """Add one requeue to the run's requeue record; None (and nothing written) at the limit. The limit is per
+    Slurm job (a requeue keeps the job id), so `asbatch retry`, a new job, starts with a fresh allowance."""
     record = run_dir.read_requeues()
-    if record["count"] >= MAX_REQUEUES:
+    job = _task_job_id()
+    if sum(event.get("array_task") == job for event in record["events"]) >= MAX_REQUEUES:
         return None
     record["count"] += 1
     record["events"].append({"job_id": os.environ.get("SLURM_JOB_ID"), "array_task": _task_job_id(), "step": step,
@@ -186,6 +188,7 @@ class TrainTask:
         apply_profile_env(self.env)
         export_distributed_env()
         from asbatch.config import RunConfig
+        from asbatch.tracking import close_wandb_quietly
         from asbatch.train import TrainingInterrupted, train
 
         config = RunConfig.model_validate(self.config)
@@ -202,6 +205,10 @@ class TrainTask:
             else:
                 done = "not requeued by the task (Slurm ends or requeues it)"
             print(f"[asbatch] {config.run_id}: {name} -> checkpoint at step {err.step}; {done}", flush=True)
+            if warned and _rank() == 0 and not done.startswith("requeued job") and os.environ.get("SLURM_JOB_ID"):
+                # the job ends without a requeue: `asbatch status` must say why, not "failed before it could say"
+                RunDir(self.run_dir).write_failure(f"NotRequeued: stopped at step {err.step} ({name}); {done}")
+            close_wandb_quietly()
             if warned and (_rank() != 0 or done.startswith("requeued job")):
                 stop.wait_for_term(60)  # let the requeue end the step: no rank should look failed first
             # SystemExit is not an Exception: submitit writes no result, the job is not done

@@ -16,6 +16,7 @@ segment. The final summary is marked done in the run dir only after W&B finished
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import sys
@@ -68,6 +69,17 @@ def can_reach(host: str | None = None, port: int | None = None, timeout: float =
             return True
     except OSError:
         return False
+
+
+def close_wandb_quietly() -> None:
+    """Tear wandb down now, ignoring a service that is already gone: a Slurm signal reaches every process of
+    the job step, W&B's service included, and wandb's own exit hook would then print a ConnectionResetError
+    traceback into the job's log after asbatch's clean stop line. What W&B persisted is read back anyway."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    with contextlib.suppress(Exception, SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        wandb.teardown()
 
 
 def resolve_mode(mode: str) -> str:
