@@ -628,6 +628,28 @@ def test_a_task_at_its_requeue_limit_records_why_it_stopped(tmp_path, monkeypatc
     assert failure.startswith("NotRequeued: stopped at step ") and "`asbatch retry` resumes it" in failure, failure
 
 
+def test_a_task_whose_run_another_process_trains_waits_and_takes_over(tmp_path, monkeypatch, capsys):
+    """A job a killed `submit` left behind (or an `asbatch run`) trains the run: the task stays a RUNNING
+    standby instead of failing, and trains (resumes) the run once the other process is gone."""
+    from asbatch.launch import TrainTask, task
+
+    monkeypatch.setattr(task, "BUSY_POLL_S", 0.2)
+    run_dir = RunDir(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from asbatch.rundir import RunDir\n"
+        "with RunDir(sys.argv[1]).training(0):\n    print('held', flush=True); time.sleep(600)"), str(run_dir.path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    threading.Timer(2.0, holder.kill).start()  # the other trainer dies (SIGKILL) after a while
+    config = {**TINY, "sweep": "busy", "schedule": {"epochs": 1}, "tracking": {"wandb": "disabled"}}
+    start = time.monotonic()
+    results = TrainTask(config, run_dir.path)()
+    assert time.monotonic() - start >= 2.0, "it waited for the other trainer"
+    assert run_dir.is_finished() and results == run_dir.read_results()
+    assert "another process is training this run (its process record is not written yet); this task waits" in \
+        capsys.readouterr().out
+
+
 def test_local_executor_returns_at_once_and_trains_the_stages_in_order(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", "local", TWO_STAGES, grid={"seed": [0, 1]})
     start = time.monotonic()

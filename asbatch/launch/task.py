@@ -35,6 +35,7 @@ from asbatch.launch.slurm import run
 from asbatch.rundir import RunDir
 
 MAX_REQUEUES = 20
+BUSY_POLL_S = 15.0  # how often a task whose run another process trains looks whether it may take over
 
 
 class StopRequest:
@@ -189,12 +190,12 @@ class TrainTask:
         export_distributed_env()
         from asbatch.config import RunConfig
         from asbatch.tracking import close_wandb_quietly
-        from asbatch.train import TrainingInterrupted, train
+        from asbatch.train import TrainingInterrupted
 
         config = RunConfig.model_validate(self.config)
         in_job = os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
         try:
-            return train(config, self.run_dir, should_stop=stop.is_set, label=getattr(self, "label", None))
+            return self._train_when_free(config, stop)
         except TrainingInterrupted as err:
             name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
             warned = stop.signum == signal.SIGUSR2
@@ -215,6 +216,26 @@ class TrainTask:
             raise SystemExit(f"[asbatch] {config.run_id} stopped at step {err.step} ({name}); {done}") from None
         finally:
             stop.uninstall(in_job)
+
+    def _train_when_free(self, config, stop: StopRequest) -> dict[str, Any]:
+        """Train; while another process trains this run (a job a killed `submit` left behind, an `asbatch run`),
+        wait as its standby (the job stays RUNNING, so status and retry see it) and take over when it ends: it
+        either finished the run (its results are returned) or stopped (this task resumes from its checkpoint)."""
+        from asbatch.train import train
+        from asbatch.train.run import RunBusyError
+
+        said = False
+        while True:
+            try:
+                return train(config, self.run_dir, should_stop=stop.is_set, label=getattr(self, "label", None))
+            except RunBusyError as err:
+                if stop.is_set():
+                    raise SystemExit(f"[asbatch] {config.run_id}: stopped while waiting; {err}") from None
+                if not said:
+                    print(f"[asbatch] {config.run_id}: another process is training this run ({err.holder}); this task "
+                          "waits and takes over when it ends", flush=True)
+                    said = True
+                time.sleep(BUSY_POLL_S)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         if count_requeue(RunDir(self.run_dir), None, "submitit checkpoint()") is None:

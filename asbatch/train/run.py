@@ -59,8 +59,7 @@ def train(
         return _finished_before(config, run_dir, report, rank == 0)
     with run_dir.training(rank) as mine:
         if not mine:  # two trainers in one run dir would both write its checkpoints and metrics
-            raise RunBusyError(f"{run_dir.path}: another process is training this run ({_holder(run_dir)}); wait "
-                               "for it to end or stop it, then run the same command again to resume")
+            raise RunBusyError(run_dir, _holder(run_dir))
         if run_dir.is_finished():  # it finished while we looked
             return _finished_before(config, run_dir, report, rank == 0)
         return _train_locked(config, run_dir, report, should_stop, rank == 0)
@@ -68,6 +67,11 @@ def train(
 
 class RunBusyError(RuntimeError):
     """Another live process trains this run dir."""
+
+    def __init__(self, run_dir: RunDir, holder: str) -> None:
+        super().__init__(f"{run_dir.path}: another process is training this run ({holder}); wait for it to end "
+                         "or stop it, then run the same command again to resume")
+        self.holder = holder
 
 
 def _holder(run_dir: RunDir) -> str:
