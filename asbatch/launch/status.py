@@ -139,12 +139,19 @@ def _fill_progress(status: RunStatus, run_dir: RunDir) -> None:
         status.elapsed_s = results.get("timing", {}).get("train_time_s", status.elapsed_s)
         return
     if status.state == "RUNNING" and run_dir.is_started():
-        last = run_dir.metrics_file if rows else run_dir.config_file
-        since = max(0.0, time.time() - last.stat().st_mtime)
+        last = (run_dir.metrics_file if rows else run_dir.config_file).stat().st_mtime
+        since = max(0.0, time.time() - max(last, _segment_start(run_dir)))  # not the time spent requeued
         status.elapsed_s = (status.elapsed_s or 0.0) + since
         if rows and status.epochs:
             left = status.epochs - len(rows)
             status.eta_s = max(0.0, sum(epoch_times) / len(rows) * left - since) if left > 0 else 0.0
+
+
+def _segment_start(run_dir: RunDir) -> float:
+    """When the process training the run now started (0 when unknown): its process record's create_time."""
+    record = run_dir.read_process() or {}
+    value = record.get("create_time")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0
 
 
 def _stopped_state(status: RunStatus, run_dir: RunDir, stopped: str, reason: str) -> None:
