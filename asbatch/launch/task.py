@@ -189,7 +189,6 @@ class TrainTask:
         apply_profile_env(self.env)
         export_distributed_env()
         from asbatch.config import RunConfig
-        from asbatch.tracking import close_wandb_quietly
         from asbatch.train import TrainingInterrupted
 
         config = RunConfig.model_validate(self.config)
@@ -209,7 +208,6 @@ class TrainTask:
             if warned and _rank() == 0 and not done.startswith("requeued job") and os.environ.get("SLURM_JOB_ID"):
                 # the job ends without a requeue: `asbatch status` must say why, not "failed before it could say"
                 RunDir(self.run_dir).write_failure(f"NotRequeued: stopped at step {err.step} ({name}); {done}")
-            close_wandb_quietly()
             if warned and (_rank() != 0 or done.startswith("requeued job")):
                 stop.wait_for_term(60)  # let the requeue end the step: no rank should look failed first
             # SystemExit is not an Exception: submitit writes no result, the job is not done

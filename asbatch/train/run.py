@@ -17,7 +17,7 @@ from asbatch.config import RunConfig
 from asbatch.fsutil import atomic_write_bytes
 from asbatch.names import count
 from asbatch.rundir import RunDir
-from asbatch.tracking import Tracker, complete_tracking
+from asbatch.tracking import Tracker, close_wandb_quietly, complete_tracking
 from asbatch.train.progress import RunFacts, RunReport
 from asbatch.train.trainer import Progress, Trainer, TrainingInterrupted
 
@@ -166,6 +166,7 @@ def _train(config: RunConfig, run_dir: RunDir, report: RunReport, should_stop: C
                 run_dir.write_results(results)
     except TrainingInterrupted as err:
         err.where = where_stopped(trainer.prog, config.schedule.epochs, trainer.steps_per_epoch)
+        close_wandb_quietly()  # the stop signal reached W&B's service too: no traceback from wandb's exit hook
         raise
     trainer.accelerator.wait_for_everyone()
     report.done(results)
