@@ -1,4 +1,5 @@
-"""What the files of a run dir must hold to be read: the shape checks behind `RunDir`'s readers.
+"""What the files of a run dir must hold to be read: the shape checks behind `RunDir`'s readers, and how a
+per-epoch row's test accuracy is read (one rule for progress, status, curves and the trainer).
 
 A file that parses but does not hold what asbatch writes there (hand-edited, cut short, another tool's) is a
 `RunDirError` naming the file and what is wrong, so every command says it in one line (exit 2) instead of
@@ -13,6 +14,11 @@ from typing import Any
 
 class RunDirError(ValueError):
     """A file of a run or sweep dir is damaged; the message names the file."""
+
+
+def epoch_test_acc(row: dict[str, Any]) -> float | None:
+    """A per-epoch metrics row's test accuracy: with the mean weights for a Bayesian net, else the plain one."""
+    return row.get("test_acc_mean", row.get("test_acc"))
 
 
 def damaged(path: Path, what: str, problem: str) -> RunDirError:

@@ -16,6 +16,7 @@ from asbatch.analysis.aggregate import Group, aggregate, default_grouping, per_s
 from asbatch.analysis.panels import grid, group_colors, group_label, hide_unused, in_panel, panel_title, panels
 from asbatch.analysis.records import Record
 from asbatch.figures import new_figure
+from asbatch.runshape import epoch_test_acc
 
 NO_HISTORY = "no per-epoch metrics among the runs read (records need history=True)"
 NO_RELIABILITY = "no reliability data among the runs read (W&B keeps it only as an image: read the run dirs)"
@@ -23,7 +24,7 @@ TRAIN_BAND = "mean, band ± 1 std over n seeds"
 
 
 def _test_accuracy(row: dict[str, Any]) -> float | None:
-    value = row.get("test_acc_mean", row.get("test_acc"))  # Bayesian: with the mean weights
+    value = epoch_test_acc(row)
     return None if value is None else 100 * value
 
 

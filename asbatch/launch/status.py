@@ -28,6 +28,7 @@ from asbatch.launch.manifest import Manifest, SubmissionRecord
 from asbatch.launch.slurm import ACTIVE, ENDED_BECAUSE, NEVER_RUNS, RETRYABLE, query_slurm
 from asbatch.names import point_label, sort_key
 from asbatch.rundir import RESULTS, RunDir, SweepDir
+from asbatch.runshape import epoch_test_acc
 
 INTERRUPTED = "INTERRUPTED"  # an in-process run (`asbatch run`, the debug executor) stopped before it finished
 NOT_A_POINT = ("sweep", "stage", "model.init_from")  # differ between runs without being a grid value
@@ -130,7 +131,7 @@ def _fill_progress(status: RunStatus, run_dir: RunDir) -> None:
     if run_dir.metrics_file.exists():
         status.epochs_done = rows[-1]["epoch"] + 1 if rows else 0
     if rows:
-        status.test_acc = rows[-1].get("test_acc_mean", rows[-1].get("test_acc"))
+        status.test_acc = epoch_test_acc(rows[-1])
         steps = rows[0]["global_step"] / (rows[0]["epoch"] + 1)  # steps per epoch
         epoch_times = [_finite(row.get("step_time_s")) * steps for row in rows]
         status.elapsed_s = sum(epoch_times)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asbatch.names import count, duration
+from asbatch.runshape import epoch_test_acc
 
 
 @dataclass
@@ -55,9 +56,6 @@ def percent(value: float | None, decimals: int = 1) -> str:
     return "-" if value is None else f"{100 * value:.{decimals}f}%"
 
 
-def epoch_test_acc(row: dict[str, Any]) -> float | None:
-    """The epoch's test accuracy: with the mean weights for a Bayesian net, else the plain one."""
-    return row.get("test_acc_mean", row.get("test_acc"))
 
 
 def is_terminal() -> bool:

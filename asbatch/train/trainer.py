@@ -26,6 +26,7 @@ from asbatch.evaluate import evaluate
 from asbatch.fsutil import atomic_write_bytes
 from asbatch.names import EPOCH_SAMPLE_STREAM, derived_seed
 from asbatch.rundir import RunDir, SweepDir
+from asbatch.runshape import epoch_test_acc
 from asbatch.train import checkpoint
 from asbatch.train.faults import kill_point, nan_loss
 from asbatch.train.setup import (
@@ -328,7 +329,7 @@ class Trainer:
                    "images_per_s": seen_total / epoch_time if epoch_time > 0 else 0.0,
                    "step_time_s": epoch_time / self.steps_per_epoch,
                    **epoch_test_metrics(self.inner, self.test_loader, self.config.model.bayesian, prog.epoch)}
-            prog.best_test_acc = max(prog.best_test_acc, row.get("test_acc_mean", row.get("test_acc", 0.0)))
+            prog.best_test_acc = max(prog.best_test_acc, epoch_test_acc(row) or 0.0)
         return row
 
     def finish_epoch(self) -> None:
