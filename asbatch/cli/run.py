@@ -93,13 +93,14 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
     make_runs_root(runs_root)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     runs = [run for stage in selected for run in stage.runs]
+    from asbatch.names import count, point_label
+
     if main_rank:
         given = f" with {' '.join(overrides)}" if overrides else ""
-        click.echo(f"{sweep.name}: {len(runs)} run{'s' if len(runs) != 1 else ''} in "
+        click.echo(f"{sweep.name}: {count(len(runs), 'run')} in "
                    f"{', '.join(s.name for s in selected)}{given} -> {runs_root / sweep.name}; Ctrl-C stops after the "
                    "current step")
     stop = StopSignals(speak=main_rank).install()
-    from asbatch.names import point_label
     from asbatch.train import TrainingInterrupted, train
 
     results = []

@@ -135,7 +135,7 @@ def count_requeue(run_dir: RunDir, step: int | None, via: str) -> int | None:
     if sum(event.get("array_task") == job for event in record["events"]) >= MAX_REQUEUES:
         return None
     record["count"] += 1
-    record["events"].append({"job_id": os.environ.get("SLURM_JOB_ID"), "array_task": _task_job_id(), "step": step,
+    record["events"].append({"job_id": os.environ.get("SLURM_JOB_ID"), "array_task": job, "step": step,
                              "via": via, "at": now()})
     run_dir.write_requeues(record)
     return record["count"]
