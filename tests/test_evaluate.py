@@ -288,6 +288,28 @@ def test_ensemble_accuracy_is_accuracy_of_mean_of_kept_sample_probs():
     assert predict(model, batches, num_samples=2).sample_probs is None
 
 
+def test_lowest_highest_mean_and_ensemble_accuracy_of_hand_made_predictions():
+    """S=3 weight samples, N=5 examples (labels 0 0 0 1 1), the argmax of each row worked out by hand."""
+    from asbatch.evaluate.predict import Predictions
+
+    sample_probs = T([
+        [[.9, .1], [.9, .1], [.6, .4], [.4, .6], [.3, .7]],      # -> 0 0 0 1 1: 5 of 5 right
+        [[.45, .55], [.4, .6], [.4, .6], [.2, .8], [.1, .9]],    # -> 1 1 1 1 1: 2 of 5 right
+        [[.4, .6], [.45, .55], [.3, .7], [.8, .2], [.2, .8]],    # -> 1 1 1 0 1: 1 of 5 right
+    ])
+    labels = T([0, 0, 0, 1, 1])
+    pred = Predictions(mean_probs=sample_probs.mean(0), mean_entropy=entropy(sample_probs).mean(0), labels=labels,
+                       sample_correct=T([5, 2, 1]), num_examples=5, sample_probs=sample_probs)
+    result = summarize(pred)
+    assert result["sample_accuracies"] == pytest.approx([1.0, 0.4, 0.2])
+    assert result["lowest_accuracy"] == pytest.approx(0.2)
+    assert result["highest_accuracy"] == pytest.approx(1.0)
+    assert result["mean_accuracy"] == pytest.approx((1.0 + 0.4 + 0.2) / 3)
+    # mean probability of class 0: .5833 .5833 .4333 .4667 .2 -> 0 0 1 1 1: all but the third right
+    assert result["ensemble_accuracy"] == pytest.approx(0.8)
+    assert (result["num_samples"], result["num_examples"]) == (3, 5)
+
+
 def test_evaluate_returns_json_serialisable_metrics_and_ood_auroc_only_with_ood_data():
     model, (x, y) = _bayesian_model(), _data()
     x_ood = torch.randn(40, 4, generator=torch.Generator().manual_seed(9)) * 6  # far from the data
