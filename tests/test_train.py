@@ -32,7 +32,9 @@ def test_bayesian_mlp_with_as_learns_digits_and_writes_the_run_dir(tmp_path):
     cfg = digits_config(adversarial__lam=0.8)
     results = train(cfg, tmp_path / cfg.run_id)
     ev = results["evaluation"]
-    assert ev["ensemble_accuracy"] >= 0.80, ev  # chance is 0.10; measured ~0.86 after 10 epochs
+    # chance is 0.10; measured 0.967 after 10 epochs (0.967 to 0.983 over seeds 0 to 3): a step that trains
+    # badly falls under 0.92
+    assert ev["ensemble_accuracy"] >= 0.92, ev
     assert ev["lowest_accuracy"] <= ev["mean_accuracy"] <= ev["highest_accuracy"]
     assert len(ev["sample_accuracies"]) == 5
     run_dir = tmp_path / cfg.run_id
@@ -67,10 +69,13 @@ def test_cosine_schedule_with_warmup():
     assert lr_factor(cfg, 10) == pytest.approx(0.0)
 
 
-def test_bf16_autocast_run_on_cpu_finishes_with_finite_results(tmp_path):
+def test_bf16_autocast_run_on_cpu_learns_as_well_as_fp32(tmp_path):
     cfg = digits_config(precision="bf16", schedule={"name": "cosine", "epochs": 2}, adversarial__lam=0.8)
-    ev = train(cfg, tmp_path / "bf16")["evaluation"]
-    assert math.isfinite(ev["nll"]) and ev["ensemble_accuracy"] > 0.3
+    results = train(cfg, tmp_path / "bf16")
+    ev = results["evaluation"]
+    assert (results["train"]["precision"], results["train"]["skipped_steps"]) == ("bf16", 0)
+    # measured: accuracy 0.922 (0.906 to 0.922 over seeds 0 to 3), NLL 0.418; fp32 reaches 0.919 and 0.419
+    assert ev["ensemble_accuracy"] >= 0.87 and ev["nll"] < 0.6, ev
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -91,13 +96,17 @@ def test_bayesian_fine_tune_from_a_deterministic_run_beats_training_from_scratch
     pre = digits_config(stage="pretrain", model={"name": "mlp", "bayesian": False}, adversarial__lam=0.0,
                         schedule={"name": "cosine", "epochs": 8})
     train(pre, sweep / pre.run_id)
-    short = {"name": "cosine", "epochs": 2}
+    short = {"name": "cosine", "epochs": 1}  # one epoch: where starting from trained weights matters most
     fine = digits_config(stage="fine_tune", model={"name": "mlp", "init_sigma": 0.01, "init_from": f"run:{pre.run_id}"},
                          schedule=short, adversarial__lam=0.8)
     scratch = digits_config(stage="scratch", schedule=short, adversarial__lam=0.8)
-    fine_acc = train(fine, sweep / fine.run_id)["evaluation"]["ensemble_accuracy"]
-    scratch_acc = train(scratch, sweep / scratch.run_id)["evaluation"]["ensemble_accuracy"]
-    assert fine_acc > scratch_acc + 0.05, (fine_acc, scratch_acc)
+    fine_ev = train(fine, sweep / fine.run_id)["evaluation"]
+    scratch_ev = train(scratch, sweep / scratch.run_id)["evaluation"]
+    # the test NLL over all 360 test images, measured over seeds 0 to 3: fine-tuned 0.10 to 0.15, from scratch
+    # 1.19 to 1.35 (a gap of 1.06 to 1.25); accuracy 0.950 to 0.964 against 0.792 to 0.889 (a gap of 0.075 to 0.17)
+    assert fine_ev["nll"] < 0.3 and scratch_ev["nll"] > fine_ev["nll"] + 0.6, (fine_ev["nll"], scratch_ev["nll"])
+    assert fine_ev["ensemble_accuracy"] > scratch_ev["ensemble_accuracy"] + 0.03, (
+        fine_ev["ensemble_accuracy"], scratch_ev["ensemble_accuracy"])
 
 
 def test_fine_tune_from_a_missing_or_mismatched_run_fails_before_training(tmp_path):
@@ -173,10 +182,14 @@ def test_fp16_trains_in_fp16_on_cpu_and_checkpoints_its_grad_scaler(tmp_path):
                  tmp_path / "fp32")
     assert (fp16["train"]["precision"], fp32["train"]["precision"]) == ("fp16", "fp32")
     assert fp16["evaluation"] != fp32["evaluation"], "fp16 must really run in fp16"
-    assert fp16["evaluation"]["ensemble_accuracy"] > 0.5
+    assert fp16["evaluation"]["ensemble_accuracy"] >= 0.87  # measured 0.917 (0.908 to 0.919 over seeds 0 to 3)
     ckpt = sorted((tmp_path / "fp16" / "checkpoints").glob("step-*"))[-1]
     scaler = torch.load(ckpt / "shared.pt", weights_only=False)["scaler"]
-    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0
+    # no step overflowed: the scale is still GradScaler's initial 2^16 (it grows only after 2000 clean steps),
+    # and the growth tracker counts every one of the 2 x 22 steps since
+    assert (fp16["train"]["global_steps"], fp16["train"]["skipped_steps"]) == (44, 0)
+    assert scaler == {"scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                      "_growth_tracker": 44}
 
 
 def test_an_overflowing_fp16_step_is_skipped_and_the_perturbation_stays_finite_and_bounded(tmp_path):
