@@ -176,17 +176,22 @@ def test_nan_gradient_entries_leave_eps_unmoved():
     net = make_bayesian(nn.Linear(2, 2, bias=False), init_sigma=1.0)
     x, y = torch.tensor([[float("nan"), 1.0]]), torch.tensor([0])
     (eps,) = adversarial_noise(net, x, y, [torch.zeros(2, 2)], steps=1, alpha=0.5)
-    assert torch.isfinite(eps).all()
-    assert torch.equal(eps[:, 0], torch.zeros(2))
+    # the NaN input makes both logits NaN, so every entry's gradient is NaN: none moves
+    assert torch.equal(eps, torch.zeros(2, 2))
 
 
-def test_bf16_autocast_step_runs_and_keeps_eps_and_grads_fp32():
+def test_bf16_autocast_step_keeps_grads_fp32_and_matches_the_fp32_step():
     x, y = batch(8, (2, 4, 4))
-    net = conv_bnn()
+    net, ref = conv_bnn(), conv_bnn()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = as_step(net, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=1e-3)
-    assert torch.isfinite(out.total)
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+        out = as_step(net, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=1e-3,
+                      generator=torch.Generator().manual_seed(3))
+    want = as_step(ref, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=1e-3, generator=torch.Generator().manual_seed(3))
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+    # the same step in fp32: measured 1.7986 against 1.8010 (0.13 %), gradients within 0.1 % to 3 % per tensor
+    assert out.total.item() == pytest.approx(want.total.item(), rel=0.01)
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        assert (p.grad - q.grad).norm() <= 0.1 * q.grad.norm(), (p.shape, (p.grad - q.grad).norm() / q.grad.norm())
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.8, 1.0])
