@@ -114,12 +114,16 @@ def test_auto_mode_is_offline_without_a_key_and_env_overrides(monkeypatch, tmp_p
     assert tracking.resolve_mode("online") == "offline"
 
 
-def test_auto_mode_with_a_key_but_no_network_is_offline(monkeypatch):
-    # This machine has no route to api.wandb.ai: the real connection attempt fails, nothing is mocked.
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    assert tracking.can_reach("api.wandb.ai", timeout=1.0) is False
-    assert tracking.resolve_mode("auto") == "offline"
+def test_auto_mode_with_a_key_but_an_unreachable_server_is_offline():
+    # The configured server is a local port nobody listens on (bound for a free number, then closed): the real
+    # connection attempt is refused, whatever network this machine has; nothing is mocked.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert tracking.can_reach("127.0.0.1", port, timeout=1.0) is False
+    assert _auto_mode(WANDB_BASE_URL=f"http://127.0.0.1:{port}", WANDB_API_KEY=FAKE_KEY) == "offline"
 
 
 def test_credentials_are_found_by_wandbs_own_lookup(monkeypatch, tmp_path):
