@@ -59,9 +59,10 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}-[0-9a-f]{10}")
 
 
 def check_name(value: str) -> str:
-    """`value` if it is a valid sweep / stage name, else ValueError saying the rule."""
-    if not isinstance(value, str) or not NAME.fullmatch(value):
-        raise ValueError(f"must be {NAME_RULE}")
+    """`value` if it is a valid sweep / stage name, else ValueError saying the rule. A name may not start with
+    '-' either: `asbatch status -x` would read it as an option (run ids, `<stage>-<hash>`, follow)."""
+    if not isinstance(value, str) or not NAME.fullmatch(value) or value.startswith("-"):
+        raise ValueError(f"must be {NAME_RULE} or '-'")  # the rule ends "not starting with '.'"
     return value
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from asbatch.names import NAME, NAME_RULE
+from asbatch.names import check_name
 from asbatch.spec.errors import SpecError, did_you_mean, model_keys, show, user_path, validate
 from asbatch.spec.loading import CONTROL, kind, read_yaml, reject_control_chars
 
@@ -73,9 +73,7 @@ def _slurm_token(value: str) -> str:
 
 def _safe_name(value: str) -> str:
     no_control(value)
-    if not NAME.fullmatch(value):
-        raise ValueError(f"must be {NAME_RULE}")
-    return value
+    return check_name(value)  # the one rule for sweep and stage names (a leading '-' would read as an option)
 
 
 def _extra_flag(name: str) -> str:
@@ -293,6 +291,12 @@ def _known_keys(data: dict) -> None:
     names = model_keys(ProfileFile)
     unknown = [key for key in data if key not in names]
     if unknown and len(unknown) == len(data):
+        # a misspelt field (`partiton`) is named with its "did you mean", as a spec key is; only a key that
+        # looks like a field name and is close to one, so a secret is never repeated
+        typo = next((key for key in unknown if isinstance(key, str) and _PLAIN_KEY.fullmatch(key)
+                     and did_you_mean(key, names)), None)
+        if typo is not None:
+            raise SpecError(f"{typo}: unknown key{did_you_mean(typo, names)}")
         raise SpecError(f"not a profile: none of its {len(data)} keys is a profile field ({', '.join(names)})")
     if any(not _PLAIN_KEY.fullmatch(key) for key in unknown):
         raise SpecError("a key that is not a profile field (not repeated: it does not look like a field name)")
