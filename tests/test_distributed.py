@@ -49,11 +49,14 @@ def test_two_process_deterministic_training_equals_one_process_on_the_same_globa
 
 @pytest.mark.parametrize("variant", ["paper", "reference"])
 def test_two_process_bayesian_as_training_keeps_ranks_identical(tmp_path, variant):
-    config = {**BASE, "adversarial": {"lam": 0.8, "variant": variant}, "schedule": {"name": "cosine", "epochs": 6}}
+    config = {**BASE, "optim": {"lr": 0.02}, "adversarial": {"lam": 0.8, "variant": variant},
+              "schedule": {"name": "cosine", "epochs": 6}}
     run_dir = launch(tmp_path, config, 2)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train"]["world_size"] == 2
     assert results["train"]["ranks_in_sync"] is True
-    assert results["evaluation"]["ensemble_accuracy"] > 0.5
+    # measured over seeds 0 and 1: accuracy 0.900 to 0.908 (paper), 0.908 to 0.917 (reference), NLL 0.26 to 0.30
+    ev = results["evaluation"]
+    assert ev["ensemble_accuracy"] >= 0.85 and ev["nll"] < 0.5, ev
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6  # only rank 0 writes
