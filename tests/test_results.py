@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -218,11 +219,15 @@ def test_flatten_evaluation_keys_and_round_trip():
 
 
 def digits_config(**over) -> RunConfig:
-    return tiny_digits_config("eq", **over)
+    return tiny_digits_config("eq", tracking={"wandb": "offline", "project": "asbatch-tests"}, **over)
 
 
 @pytest.fixture(scope="module")
 def trained_sweep(tmp_path_factory):
+    """Two finished runs tracked by real W&B in offline mode (its files in each run dir), an unfinished run
+    dir and a submitted run that never started."""
+    from unittest import mock
+
     import torch
 
     from asbatch.train import train
@@ -232,8 +237,9 @@ def trained_sweep(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny nets: one thread is faster, and much faster on a busy machine
     try:
-        for cfg in configs:
-            train(cfg, sweep_dir / cfg.run_id)
+        with mock.patch.dict(os.environ, {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}):
+            for cfg in configs:
+                train(cfg, sweep_dir / cfg.run_id)
     finally:
         torch.set_num_threads(threads)
     (sweep_dir / "train-unfinished").mkdir()
@@ -251,10 +257,7 @@ class FakeRun(SimpleNamespace):
 class FakeApi:
     """A labelled STAND-IN for `wandb.Api()`: no W&B server runs here, so this offers only what
     `records_from_wandb` uses (`runs(path, filters)` -> runs with id, group, job_type, config, summary,
-    scan_history), filled the way asbatch.tracking fills a real W&B run: id = run id, group = sweep,
-    job_type = stage, config = the resolved config, summary = `flatten_evaluation(evaluation)` plus the
-    tracker's own extra keys and, as W&B keeps it, the last logged value of every per-epoch key, history =
-    the metrics.jsonl rows plus W&B's "_step" keys."""
+    scan_history). Its runs hold what W&B itself wrote for each run (`wandb_run_from_offline_files`)."""
 
     def __init__(self, runs):
         self._runs, self.calls = runs, []
@@ -264,23 +267,68 @@ class FakeApi:
         return [r for r in self._runs if r.group == filters["group"]]
 
 
-def fake_run_from_dir(run_dir) -> FakeRun:
-    results = json.loads((run_dir / "results.json").read_text())
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    rows = [{**json.loads(line), "_step": i} for i, line in enumerate(lines)]
-    summary = {**rows[-1], **flatten_evaluation(results["evaluation"]), "_step": 40, "_runtime": 3.5,
-               "evaluation/sample_accuracies": {"_type": "table-file", "path": "x.table.json"}}
-    return FakeRun(id=results["run_id"], group=results["sweep"], job_type=results["stage"],
-                   config=json.loads(json.dumps(results["config"])), summary=summary, rows=[*rows, {"_step": 99}])
+def _put(target: dict, item) -> None:
+    """One W&B `key` / `nested_key` update with its JSON value into a dict (nested keys become nested dicts,
+    as W&B's server keeps them: a logged Table is `{"evaluation/sample_accuracies": {"_type": ...}}`)."""
+    path = list(item.nested_key) or [item.key]
+    for part in path[:-1]:
+        target = target.setdefault(part, {})
+    target[path[-1]] = json.loads(item.value_json)
 
 
-def test_run_dirs_and_the_wandb_stand_in_give_identical_records(trained_sweep):
+def wandb_run_from_offline_files(run_dir) -> FakeRun:
+    """The run as W&B's API would serve it once synced, read back from the offline `.wandb` files W&B wrote
+    in the run dir (not from asbatch's own files): id, group and job type from the run record; config from the
+    run and config records without W&B's internal keys (as `wandb.Api().run().config`); summary from every
+    summary record in order; history rows from the history records, with their `_step`."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from asbatch.rundir import RunDir, offline_segments
+    from asbatch.tracking.offline import read_finished_segment, records
+
+    run, config, summary, rows = None, {}, {}, []
+    for segment in offline_segments(RunDir(run_dir)):
+        assert read_finished_segment(segment).exited, f"{segment}: W&B did not finish writing it"
+        for path in sorted(segment.glob("*.wandb")):
+            for raw in records(path):
+                record = pb.Record()
+                record.ParseFromString(raw)
+                kind = record.WhichOneof("record_type")
+                if kind == "run":
+                    run = record.run
+                    for item in record.run.config.update:
+                        _put(config, item)
+                elif kind == "config":
+                    for item in record.config.update:
+                        _put(config, item)
+                elif kind == "summary":
+                    for item in record.summary.update:
+                        _put(summary, item)
+                    for item in record.summary.remove:
+                        summary.pop(item.key, None)
+                elif kind == "history":
+                    row = {}
+                    for item in record.history.item:
+                        _put(row, item)
+                    rows.append({**row, "_step": record.history.step.num})
+    assert run is not None, f"{run_dir}: no W&B run record"
+    config = {k: v for k, v in config.items() if k not in {"_wandb", "wandb_version"}}
+    return FakeRun(id=run.run_id, group=run.run_group, job_type=run.job_type, config=config, summary=summary,
+                   rows=rows)
+
+
+def test_run_dirs_and_what_wandb_wrote_give_identical_records(trained_sweep):
     sweep_dir, configs = trained_sweep
     local = records_from_run_dirs(sweep_dir, history=True)
     assert [r.run_id for r in local] == sorted(c.run_id for c in configs)
     assert sorted(local.unfinished) == ["train-notstarted", "train-unfinished"]
 
-    runs = [fake_run_from_dir(sweep_dir / r.run_id) for r in local]
+    runs = [wandb_run_from_offline_files(sweep_dir / r.run_id) for r in local]
+    assert [(r.id, r.group, r.job_type) for r in runs] == [(r.run_id, "eq", "train") for r in local]
+    assert all("evaluation/ensemble_accuracy" in r.summary and "_runtime" in r.summary for r in runs)
+    assert all(r.summary["evaluation/sample_accuracies"]["_type"] == "table-file" for r in runs)  # a W&B Table
+    # history: epoch 1 at its global step (5 steps of 64 images), then the evaluation's tables and images
+    assert all([row["_step"] for row in r.rows] == [5, 6] for r in runs)
     other_sweep = FakeRun(**{**vars(runs[0]), "id": "other", "group": "another"})
     still_running = FakeRun(id="train-running", group="eq", job_type="train", config={}, summary={"train_loss": 2.0},
                             rows=[])
