@@ -37,14 +37,12 @@ TINY = {"cpu": True, "checkpoint_every": 5,
         "model": {"name": "mlp", "width": 16, "init_sigma": 0.01}, "optim": {"name": "adam", "lr": 0.003},
         "schedule": {"name": "cosine", "epochs": 2}, "adversarial": {"steps": 1, "alpha": 0.02},
         "eval": {"num_samples": 2}}
-# ~6 s of training on one idle CPU: long enough to interrupt after a few epochs
+# 14 epochs (~6 s of training on one idle CPU) to interrupt after a few: the tests hold the job (SIGSTOP) at
+# the point they wait for and send the signal while it is held (Slurm continues a held step right before it
+# delivers a signal), so it lands there however fast the machine is
 MEDIUM = {**TINY, "checkpoint_every": 10, "data": {**TINY["data"], "train_subset": None},
           "model": {"name": "mlp", "width": 256, "init_sigma": 0.01}, "schedule": {"name": "cosine", "epochs": 14},
           "adversarial": {"lam": 0.8, "steps": 3, "alpha": 0.02}}
-# ~40 s: Slurm checks time limits every ~30 s, so with a 1 min limit and a 25 s signal delay USR2 comes
-# 5 to 35 s after the start; training must still be running then
-LONG = {**MEDIUM, "checkpoint_every": 25, "model": {"name": "mlp", "width": 512, "init_sigma": 0.01},
-        "schedule": {"name": "cosine", "epochs": 40}}
 OFFLINE_WANDB = {"tracking": {"wandb": "offline", "project": "asbatch-tests"}}
 
 
@@ -136,6 +134,40 @@ def epochs_done(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def job_log(run_dir: Path, job: str) -> str:
+    path = run_dir.parent / ".slurm" / job / f"{job}_0_log.out"
+    return path.read_text() if path.exists() else ""
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # the process is gone
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def stopped(pid: int) -> bool:
+    return _proc_status(pid).get("State", "").startswith("T")
+
+
+def hold(job: str, run_dir: Path) -> int:
+    """Stop the job's processes (SIGSTOP) and wait until its training process is stopped; returns its pid.
+    Slurm continues a held step (SIGCONT) right before it delivers a signal to it (`scancel --signal`,
+    `scontrol requeue`, the time-limit warning), so the signal lands where the job was held."""
+    record = RunDir(run_dir).read_process()  # the local cluster's nodes are this machine
+    assert record and not (run_dir / "results.json").exists(), f"{run_dir.name} ended before it could be held"
+    pid = int(record["pid"])
+    sh("scancel", "--signal=STOP", job)
+    wait_for(lambda: stopped(pid), 30, f"job {job} to be held", every=0.05)
+    return pid
+
+
+def release(job: str) -> None:
+    """SIGCONT, in case Slurm has not continued the held job (it has, where it delivered a signal)."""
+    subprocess.run(["scancel", "--signal=CONT", job], capture_output=True, check=False, timeout=60)
+
+
 def assert_same_results(run_dir: Path, reference_dir: Path) -> None:
     import torch
 
@@ -205,18 +237,43 @@ def releaser(local_slurm):
     r.stop()
 
 
+class HeldUntilUsr2(threading.Thread):
+    """Holds a run (SIGSTOP) once its first epoch is done, until Slurm continues it to deliver its time-limit
+    USR2 (25 s before the 1 min limit, at its next check of time limits: 5 to 35 s after the start): the
+    warning lands while it trains however fast training is."""
+
+    def __init__(self, job: str, run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.job, self.run_dir, self.error = job, run_dir, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            wait_for(lambda: epochs_done(self.run_dir) >= 1, 180, "the time-limit run's first epoch", every=0.05)
+            pid = hold(self.job, self.run_dir)
+            assert not (self.run_dir / "results.json").exists(), "the run ended before it could be held"
+            wait_for(lambda: not stopped(pid), 150, "Slurm to continue the held run with its time-limit USR2",
+                     every=0.2)
+        except BaseException as err:  # noqa: BLE001 - reported by the test that checks this run
+            self.error = err
+        finally:
+            release(self.job)
+
+
 @pytest.fixture(scope="module")
 def time_limit_run(local_slurm, releaser, tmp_path_factory):
-    """A LONG run with a 1 min limit and USR2 25 s before it, submitted when the module's first Slurm test
-    asks for it so that it trains while the other tests run; `test_time_limit_...` checks it."""
+    """A MEDIUM run with a 1 min limit and USR2 25 s before it, held from its first epoch until the USR2 is
+    sent; submitted when the module's first Slurm test asks for it so that it waits while the other tests run;
+    `test_time_limit_...` checks it."""
     root = tmp_path_factory.mktemp("time_limit")
-    spec = write_spec(root / "spec.yaml", "time_limit", defaults={**LONG, **OFFLINE_WANDB},
+    spec = write_spec(root / "spec.yaml", "time_limit", defaults={**MEDIUM, **OFFLINE_WANDB},
                       stages={"train": {"config": {"adversarial": {"lam": 0.8}}, "resources": {"time": 1}}})
     sweep = load_sweep(spec)
     with mock.patch.dict(os.environ, {"ASBATCH_SIGNAL_DELAY_S": "25"}):
         manifest = submit(sweep, root / "runs", executor="slurm", spec_path=spec)
     releaser.watch(*(r.job_id for r in manifest.latest().values()))
-    yield manifest, sweep.runs[0].config
+    holder = HeldUntilUsr2(manifest.submissions[0].job_id, Path(manifest.submissions[0].run_dir))
+    yield manifest, sweep.runs[0].config, holder
     subprocess.run(["scancel", *{r.array_job_id for r in manifest.submissions}], check=False, capture_output=True)
 
 
@@ -405,10 +462,20 @@ def test_requeued_and_usr2_signalled_runs_resume_to_the_results_of_an_uninterrup
     run_dirs = {kind: Path(m.submissions[0].run_dir) for kind, m in manifests.items()}
     releaser.watch(*jobs.values())
 
+    held = set()
+
+    def hold_each_after_2_epochs() -> bool:  # the two train side by side: each is held as soon as it is there
+        for kind in jobs.keys() - held:
+            if epochs_done(run_dirs[kind]) >= 2:
+                hold(jobs[kind], run_dirs[kind])
+                held.add(kind)
+        return len(held) == len(jobs)
+
+    wait_for(hold_each_after_2_epochs, 90, "both runs to train 2 epochs", every=0.05)
     for kind, action in (("requeue", ["scontrol", "requeue"]), ("usr2", ["scancel", "--signal=USR2"])):
-        wait_for(lambda run_dir=run_dirs[kind]: epochs_done(run_dir) >= 2, 90, f"{kind}: 2 epochs", every=0.1)
         assert not (run_dirs[kind] / "results.json").exists()
-        sh(*action, jobs[kind])
+        sh(*action, jobs[kind])  # Slurm continues the held job and delivers it: mid-training
+        release(jobs[kind])
     reference = train_reference(load_sweep(specs["requeue"]).runs[0].config, tmp_path / "reference")
     wait_for_results(run_dirs.values(), 120)
 
@@ -435,8 +502,11 @@ def test_sigterm_mid_run_saves_stops_cleanly_and_retry_resumes_with_every_wandb_
                       defaults={**MEDIUM, **OFFLINE_WANDB})
     manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
     job, run_dir = manifest.submissions[0].job_id, Path(manifest.submissions[0].run_dir)
-    wait_for(lambda: epochs_done(run_dir) >= 3, 90, "3 epochs", every=0.1)
-    sh("scancel", "--signal=TERM", job)
+    wait_for(lambda: epochs_done(run_dir) >= 3, 90, "3 epochs", every=0.05)
+    hold(job, run_dir)
+    assert not (run_dir / "results.json").exists()
+    sh("scancel", "--signal=TERM", job)  # Slurm continues the held job and delivers it: mid-training
+    release(job)
     assert job_history(job, timeout=60)[-1] == "FAILED"
     log = (run_dir.parent / ".slurm" / job / f"{job}_0_log.out").read_text()
     err = (run_dir.parent / ".slurm" / job / f"{job}_0_log.err").read_text()
@@ -456,15 +526,17 @@ def test_sigterm_mid_run_saves_stops_cleanly_and_retry_resumes_with_every_wandb_
 @pytest.mark.slow
 def test_usr2_during_the_final_evaluation_requeues_and_the_task_redoes_only_the_evaluation(local_slurm, tmp_path,
                                                                                            releaser):
-    long_eval = {**TINY, "data": {**TINY["data"], "test_batch_size": 40}, "eval": {"num_samples": 2000}}
+    long_eval = {**TINY, "data": {**TINY["data"], "test_batch_size": 40}, "eval": {"num_samples": 500}}
     spec = write_spec(tmp_path / "spec.yaml", "eval_usr2", {"train": {"resources": {"time": 5}}}, defaults=long_eval)
     manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
     job, run_dir = manifest.submissions[0].job_id, Path(manifest.submissions[0].run_dir)
     releaser.watch(job)
-    wait_for(lambda: epochs_done(run_dir) == 2, 90, "both epochs", every=0.05)
-    time.sleep(1)  # inside the ~10 s evaluation
-    assert not (run_dir / "results.json").exists()
-    sh("scancel", "--signal=USR2", job)
+    wait_for(lambda: "final evaluation: 500 weight samples" in job_log(run_dir, job), 90,
+             "the final evaluation to start (~2 s of it)", every=0.05)
+    hold(job, run_dir)
+    assert not (run_dir / "results.json").exists(), "the evaluation ended before the job was held"
+    sh("scancel", "--signal=USR2", job)  # Slurm continues the held job and delivers it: inside the evaluation
+    release(job)
     reference = train_reference(load_sweep(spec).runs[0].config, tmp_path / "reference")
     wait_for_results([run_dir], 240)
 
@@ -528,9 +600,11 @@ def test_a_two_node_run_trains_with_a_real_gloo_group(local_slurm, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_usr2_saves_requeues_and_resumes_to_identical_results(local_slurm, tmp_path, time_limit_run):
-    manifest, config = time_limit_run
+    manifest, config, holder = time_limit_run
     run_dir = Path(manifest.submissions[0].run_dir)
     job = manifest.submissions[0].job_id
+    holder.join(timeout=240)
+    assert not holder.is_alive() and holder.error is None, holder.error
 
     reference = train_reference(config, tmp_path / "reference")
     wait_for_results([run_dir], 300)
