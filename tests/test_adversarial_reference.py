@@ -115,8 +115,10 @@ def test_reference_variant_equals_the_transcribed_reference_step_over_consecutiv
     memory = AscentMemory.zeros_for(net)
     ours_gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
 
-    def draw() -> dict[str, torch.Tensor]:  # the same draws, in the same order, as asbatch.bayes.sample_noise
-        return {k: torch.randn(ref.mu[k].shape, generator=ref_gen) for k in LAYOUT}
+    def draw() -> dict[str, torch.Tensor]:  # the same draw as asbatch.bayes.sample_noise: one randn, split in order
+        flat = torch.randn(sum(ref.mu[k].numel() for k in LAYOUT), generator=ref_gen)
+        return {k: e.view(ref.mu[k].shape) for k, e in zip(LAYOUT, flat.split([ref.mu[k].numel() for k in LAYOUT]),
+                                                           strict=True)}
 
     bn = net[1]
     for i, (x, y) in enumerate(batches(5)):

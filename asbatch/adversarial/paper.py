@@ -13,6 +13,11 @@ How this differs from the reference code (AISIGSJTU/AS; `asbatch.adversarial.ref
   - inner passes take gradients w.r.t. eps only (`torch.autograd.grad`): no parameter .grad is touched;
   - inner passes leave BatchNorm running statistics alone (they still normalise with batch statistics);
   - inner passes run on the unwrapped module, so DDP does not all-reduce them.
+
+Cost: the step works on the model's flat posterior (asbatch.bayes.flat): one randn for eps_0, one flat eps
+leaf per inner pass (mu and sigma detached, one exp for all inner passes), each ascent step three ops on it,
+the KL a few ops on the flat buffers. Per step that is the network's own N + 1 forward / backward passes
+plus a few dozen ops, whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -25,30 +30,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asbatch.bayes import frozen_bn_stats, kl_divergence, sample_noise, set_noise
+from asbatch.bayes import FlatPosterior, flat_posterior, frozen_bn_stats
 
 ContextFactory = Callable[[], contextlib.AbstractContextManager]
+LossScale = float | torch.Tensor  # fp16: the grad scaler's scale, a device tensor (reading it would sync)
+
+
+def _sign_step(eps: torch.Tensor, grad: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """eps + alpha * sign(grad), detached; NaN entries (fp16 overflow) and a missing grad do not move."""
+    if grad is None:
+        return eps.detach()
+    return torch.add(eps.detach(), grad.nan_to_num(nan=0.0).sign(), alpha=alpha)
 
 
 def ascend(eps: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], alpha: float) -> list[torch.Tensor]:
-    """One step eps + alpha * sign(grad), detached; NaN entries (fp16 overflow) and missing grads do not move."""
-    return [(e + alpha * g.nan_to_num(nan=0.0).sign()).detach() if g is not None else e.detach()
-            for e, g in zip(eps, grads, strict=True)]
+    """One step eps + alpha * sign(grad) per tensor, detached; NaN entries (fp16 overflow) and missing grads
+    do not move. (The training step applies the same rule to the flat eps in one go.)"""
+    return [_sign_step(e, g, alpha) for e, g in zip(eps, grads, strict=True)]
 
 
-def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps0: Sequence[torch.Tensor], steps: int,
-            alpha: float, loss_scale: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """eps_N, and the logits of the first inner pass (at eps_0; None when steps = 0)."""
-    eps, first = [e.detach() for e in eps0], None
-    with frozen_bn_stats(model):
+def scaled_loss(loss: torch.Tensor, loss_scale: LossScale) -> torch.Tensor:
+    return loss if isinstance(loss_scale, float) and loss_scale == 1.0 else loss * loss_scale
+
+
+def posterior_of(model: nn.Module) -> FlatPosterior:
+    """The model's flat posterior; a model not converted by `make_bayesian` cannot take an AS step."""
+    posterior = flat_posterior(model)
+    if posterior is None:
+        raise ValueError("the model has no flat posterior: convert it with asbatch.bayes.make_bayesian")
+    return posterior
+
+
+def _ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int, alpha: float,
+            loss_scale: LossScale) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The flat eps_N, and the logits of the first inner pass (at eps_0; None when steps = 0)."""
+    posterior, eps, first = posterior_of(model), eps.detach(), None
+    with frozen_bn_stats(model), posterior.frozen():
         for _ in range(steps):
-            leaves = [e.clone().requires_grad_(True) for e in eps]
-            set_noise(model, leaves)
+            leaf = eps.requires_grad_(True)
+            posterior.hold(leaf)
             logits = model(x)
             first = logits.detach() if first is None else first
-            grads = torch.autograd.grad(F.cross_entropy(logits, y) * loss_scale, leaves)
-            eps = ascend(leaves, grads, alpha)
-    set_noise(model, eps)
+            (grad,) = torch.autograd.grad(scaled_loss(F.cross_entropy(logits, y), loss_scale), leaf)
+            eps = _sign_step(leaf, grad, alpha)
+    posterior.hold(eps)
     return eps, first
 
 
@@ -59,7 +84,7 @@ def adversarial_noise(
     eps0: Sequence[torch.Tensor],
     steps: int,
     alpha: float,
-    loss_scale: float = 1.0,
+    loss_scale: LossScale = 1.0,
 ) -> list[torch.Tensor]:
     """Return eps_N after `steps` sign-gradient ascent steps of size `alpha` from `eps0` (eq. 5, on eps).
 
@@ -70,7 +95,9 @@ def adversarial_noise(
     """
     if steps < 0 or alpha < 0:
         raise ValueError(f"steps and alpha must be >= 0, got steps={steps}, alpha={alpha}")
-    return _ascent(model, x, y, eps0, steps, alpha, loss_scale)[0]
+    posterior = posterior_of(model)
+    _ascent(model, x, y, posterior.flatten([e.detach() for e in eps0]), steps, alpha, loss_scale)
+    return list(posterior.eps_list())
 
 
 @dataclass
@@ -102,7 +129,7 @@ def as_step(
     inner_model: nn.Module | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: ContextFactory = contextlib.nullcontext,
-    loss_scale: float = 1.0,
+    loss_scale: LossScale = 1.0,
     generator: torch.Generator | None = None,
     inner_context: ContextFactory | None = None,
 ) -> StepLosses:
@@ -118,42 +145,44 @@ def as_step(
     lambda = 0 is exactly a plain Bayes-by-backprop step: one forward, no inner passes. lambda = 1 skips L_pred.
     For 0 < lambda < 1 the prediction pass also provides the first ascent direction (eps_0 requires grad in
     it), so a step costs N + 1 forward/backward passes, not N + 2; the result is the same.
-    The optimizer step and zero_grad are the caller's.
+    The optimizer step and zero_grad are the caller's. Nothing here reads a device value (no host sync).
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     inner = inner_model if inner_model is not None else model
-    eps0 = sample_noise(inner, generator)
+    posterior = posterior_of(inner)
+    eps0 = posterior.draw(generator)
 
-    def outer_pass(eps: list[torch.Tensor], weight: float, last: bool):
-        """A training forward + backward of weight * CE at `eps`; the last one adds the KL and syncs DDP."""
-        set_noise(inner, eps)
+    def outer_pass(eps: torch.Tensor, weight: float, last: bool):
+        """A training forward + backward of weight * CE at `eps`; the last one adds the KL and syncs DDP.
+        Returns CE, the logits, the KL (last pass) and the loss it back-propagated (detached)."""
+        posterior.hold(eps)
         with contextlib.nullcontext() if last else no_sync():
             logits = model(x)
             ce = F.cross_entropy(logits, y)
-            kl = kl_divergence(inner) if last else None
-            backward(weight * ce + kl_weight * kl if last else weight * ce)
-        return ce, logits.detach(), kl
+            kl = posterior.kl() if last else None
+            loss = weight * ce + kl_weight * kl if last else weight * ce
+            backward(loss)
+        return ce, logits.detach(), kl, loss.detach()
 
     pred = adv = pred_logits = adv_logits = None
     start, ascent_steps = eps0, steps
     if lam < 1:
-        # With eps_0 as leaves, the prediction pass's backward also yields dL/deps at eps_0 (the train-mode
+        # With eps_0 as a leaf, the prediction pass's backward also yields dL/deps at eps_0 (the train-mode
         # forward normalises with batch statistics, as the inner passes do): the first ascent step for free.
         reuse = lam > 0 and steps > 0 and inner_context is None
-        leaves = [e.clone().requires_grad_(True) for e in eps0] if reuse else eps0
-        pred, pred_logits, kl = outer_pass(leaves, 1.0 - lam, last=lam == 0)
+        pred, pred_logits, kl, total = outer_pass(eps0.requires_grad_(reuse), 1.0 - lam, last=lam == 0)
         if reuse:
-            start, ascent_steps = ascend(eps0, [e.grad for e in leaves], alpha), steps - 1
+            start, ascent_steps = _sign_step(eps0, eps0.grad, alpha), steps - 1
     if lam > 0:
         with inner_context() if inner_context is not None else contextlib.nullcontext():
             eps_adv, first_logits = _ascent(inner, x, y, start, ascent_steps, alpha, loss_scale)
         if pred_logits is None:  # lambda = 1: the training accuracy at eps_0, from the first inner pass
             pred_logits = first_logits if first_logits is not None else _logits_at(inner, x, eps0)
-        adv, adv_logits, kl = outer_pass(eps_adv, lam, last=True)
-    total = (0.0 if pred is None else (1.0 - lam) * pred) + (0.0 if adv is None else lam * adv) + kl_weight * kl
+        adv, adv_logits, kl, adv_loss = outer_pass(eps_adv, lam, last=True)
+        total = adv_loss if pred is None else total + adv_loss  # (1 - lambda) L_pred + lambda L_adv + beta KL
     return StepLosses(
-        total=total.detach(),
+        total=total,
         pred=None if pred is None else pred.detach(),
         adv=None if adv is None else adv.detach(),
         kl=kl.detach(),
@@ -163,8 +192,8 @@ def as_step(
 
 
 @torch.no_grad()
-def _logits_at(model: nn.Module, x: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
-    """A train-mode forward at `eps` that leaves BatchNorm running statistics alone."""
-    set_noise(model, eps)
+def _logits_at(model: nn.Module, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """A train-mode forward at the flat `eps` that leaves BatchNorm running statistics alone."""
+    posterior_of(model).hold(eps)
     with frozen_bn_stats(model):
         return model(x)

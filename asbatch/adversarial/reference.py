@@ -31,45 +31,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asbatch.adversarial.paper import ContextFactory, StepLosses
-from asbatch.bayes import bayesian_weights, kl_divergence, sample_noise, set_noise
+from asbatch.adversarial.paper import ContextFactory, LossScale, StepLosses, posterior_of, scaled_loss
 
 
 class AscentMemory:
-    """The reference's eps.grad: one fp32 tensor per Bayesian weight (in `bayesian_weights` order), summed
-    over every backward eps took part in since the run started."""
+    """The reference's eps.grad: one flat fp32 tensor laid out as the model's flat eps (per-layer views in
+    `tensors`, in `bayesian_weights` order), summed over every backward eps took part in since the run started."""
 
     def __init__(self, tensors: Sequence[torch.Tensor]):
-        self.tensors = list(tensors)
+        self.shapes = [tuple(t.shape) for t in tensors]
+        self.sizes = [t.numel() for t in tensors]
+        self.flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
 
     @classmethod
     def zeros_for(cls, model: nn.Module) -> AscentMemory:
         """An empty memory (as eps.grad before the first backward) for every Bayesian weight of `model`."""
-        return cls([torch.zeros_like(g.log_sigma, dtype=torch.float32) for _, _, g in bayesian_weights(model)])
+        posterior = posterior_of(model)
+        return cls([torch.zeros(s, dtype=torch.float32, device=posterior.mu.device) for s in posterior.shapes])
 
-    def add(self, grads: Sequence[torch.Tensor | None], loss_scale: float = 1.0) -> None:
-        """G += grad / loss_scale; missing grads and non-finite entries add nothing."""
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t.view(s) for t, s in zip(self.flat.split(self.sizes), self.shapes, strict=True)]
+
+    def add(self, grad: torch.Tensor | Sequence[torch.Tensor | None] | None, loss_scale: LossScale = 1.0) -> None:
+        """G += grad / loss_scale (a flat grad, or one per weight); missing grads and non-finite entries add
+        nothing."""
+        if grad is None:
+            return
+        if not isinstance(grad, torch.Tensor):
+            grad = torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1)
+                              for g, t in zip(grad, self.tensors, strict=True)])
         with torch.no_grad():
-            for m, g in zip(self.tensors, grads, strict=True):
-                if g is None:
-                    continue
-                g = g.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-                m.add_(g if loss_scale == 1.0 else g / loss_scale)
+            grad = grad.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            self.flat.add_(grad if isinstance(loss_scale, float) and loss_scale == 1.0 else grad / loss_scale)
 
-    def descend(self, eps: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
-        """eps - alpha * sign(G) (G holds gradients of -CE: this ascends CE along the run-long sum)."""
+    def descend(self, eps: torch.Tensor | Sequence[torch.Tensor], alpha: float) -> torch.Tensor | list[torch.Tensor]:
+        """eps - alpha * sign(G) (G holds gradients of -CE: this ascends CE along the run-long sum); a flat eps
+        gives a flat result, a list of per-weight eps a list."""
+        if isinstance(eps, torch.Tensor):
+            return torch.sub(eps.detach(), self.flat.sign(), alpha=alpha)
         return [(e - alpha * m.sign()).detach() for e, m in zip(eps, self.tensors, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"tensors": [t.detach().cpu().clone() for t in self.tensors]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state["tensors"]
-        if len(saved) != len(self.tensors) or any(s.shape != t.shape for s, t in zip(saved, self.tensors, strict=True)):
+        saved, own = state["tensors"], self.tensors
+        if len(saved) != len(own) or any(s.shape != t.shape for s, t in zip(saved, own, strict=True)):
             raise ValueError("the saved ascent memory does not fit this model's Bayesian weights")
         with torch.no_grad():
-            for t, s in zip(self.tensors, saved, strict=True):
-                t.copy_(s)
+            self.flat.copy_(torch.cat([t.reshape(-1) for t in saved]))
 
 
 def reference_as_step(
@@ -85,7 +96,7 @@ def reference_as_step(
     inner_model: nn.Module | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: ContextFactory = contextlib.nullcontext,
-    loss_scale: float = 1.0,
+    loss_scale: LossScale = 1.0,
     generator: torch.Generator | None = None,
     inner_context: ContextFactory | None = None,
 ) -> StepLosses:
@@ -102,33 +113,34 @@ def reference_as_step(
     if steps < 0 or alpha < 0:
         raise ValueError(f"steps and alpha must be >= 0, got steps={steps}, alpha={alpha}")
     inner = inner_model if inner_model is not None else model
+    posterior = posterior_of(inner)
     pred = adv = adv_logits = None
     if lam > 0:
-        eps = sample_noise(inner, generator)
-        with inner_context() if inner_context is not None else contextlib.nullcontext():
+        eps = posterior.draw(generator)
+        with inner_context() if inner_context is not None else contextlib.nullcontext(), posterior.frozen():
             for _ in range(steps):  # BatchNorm running stats are updated by every pass, as in the reference
-                leaves = [e.clone().requires_grad_(True) for e in eps]
-                set_noise(inner, leaves)
-                grads = torch.autograd.grad(-F.cross_entropy(inner(x), y) * loss_scale, leaves)
-                memory.add(grads, loss_scale)
-                eps = memory.descend(leaves, alpha)
-        leaves = [e.clone().requires_grad_(True) for e in eps]
-        set_noise(inner, leaves)
+                leaf = eps.requires_grad_(True)
+                posterior.hold(leaf)
+                (grad,) = torch.autograd.grad(-scaled_loss(F.cross_entropy(inner(x), y), loss_scale), leaf)
+                memory.add(grad, loss_scale)
+                eps = memory.descend(leaf, alpha)
+        leaf = eps.requires_grad_(True)
+        posterior.hold(leaf)
         with no_sync() if lam < 1 else contextlib.nullcontext():
             logits = model(x)
             adv = F.cross_entropy(logits, y)
             backward(lam * adv)
-        memory.add([e.grad for e in leaves], loss_scale)  # eps_N took part in the training backward
+        memory.add(leaf.grad, loss_scale)  # eps_N took part in the training backward
         adv_logits = logits.detach()
     if lam < 1:
-        sample_noise(inner, generator)  # fresh noise, independent of eps_0
+        posterior.hold(posterior.draw(generator))  # fresh noise, independent of eps_0
         pred = F.cross_entropy(model(x), y)
-        kl = kl_divergence(inner)
+        kl = posterior.kl()
         backward((1.0 - lam) * (pred + kl_weight * kl))
     else:
         with torch.no_grad():
-            kl = kl_divergence(inner)  # reported only: with lambda = 1 the reference has no KL term
-    sample_noise(inner, generator)
+            kl = posterior.kl()  # reported only: with lambda = 1 the reference has no KL term
+    posterior.hold(posterior.draw(generator))
     with torch.no_grad():
         pred_logits = inner(x)  # the reporting pass: train mode, BatchNorm running stats updated
     total = (0.0 if pred is None else (1.0 - lam) * (pred + kl_weight * kl)) + (0.0 if adv is None else lam * adv)

@@ -6,6 +6,7 @@ the layer sees w = mu + sigma * eps. One model definition therefore serves both 
 Bayesian net, and a trained deterministic net becomes its Bayesian twin in place (Bayesian fine-tune).
 """
 
+from asbatch.bayes.flat import FlatPosterior, flat_posterior
 from asbatch.bayes.gaussian import GaussianWeight
 from asbatch.bayes.noise import (
     BAYESIAN_LAYER_TYPES,
@@ -24,8 +25,10 @@ from asbatch.bayes.noise import (
 
 __all__ = [
     "BAYESIAN_LAYER_TYPES",
+    "FlatPosterior",
     "GaussianWeight",
     "bayesian_weights",
+    "flat_posterior",
     "frozen_bn_stats",
     "get_noise",
     "is_bayesian",

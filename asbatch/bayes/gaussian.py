@@ -23,6 +23,10 @@ class GaussianWeight(nn.Module):
       - "fixed":  the tensor in `self.eps` (set it; it may require grad, which AS uses),
       - "mean":   eps = 0, the weight is mu.
     eps is a plain attribute, not a buffer: it never enters state_dict and DDP never broadcasts it.
+
+    In a model built by `make_bayesian` the layer's tensors live in the model's `FlatPosterior`
+    (asbatch.bayes.flat): log_sigma and eps are views of its flat buffers, and during a model forward
+    `current` holds this layer's slice of the w computed once for all layers.
     """
 
     def __init__(self, mu: torch.Tensor, init_sigma: float = 0.15, prior_sigma: float = 0.15,
@@ -37,12 +41,15 @@ class GaussianWeight(nn.Module):
         self.prior_sigma = float(prior_sigma)
         self.mode: NoiseMode = "sample"
         self.eps: torch.Tensor | None = None
+        self.current: torch.Tensor | None = None  # set by the model's FlatPosterior for one forward
 
     @property
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.exp()
 
     def forward(self, mu: torch.Tensor) -> torch.Tensor:
+        if self.current is not None:
+            return self.current
         if self.mode == "mean":
             return mu
         if self.mode == "sample":

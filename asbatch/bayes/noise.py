@@ -1,7 +1,10 @@
 """Model-wide operations on Bayesian weights: convert, sample / fix / read / perturb eps, KL, BN freezing.
 
-Every function walks `bayesian_weights(model)`, which finds GaussianWeight parametrizations by type, so any
-module with parametrized `weight` / `bias` takes part; nothing checks class names.
+A model made Bayesian by `make_bayesian` keeps its posterior flat (asbatch.bayes.flat): the Bayesian
+weights are found once, at conversion, and these functions work on the flat tensors (one randn, one cat,
+a few ops for the KL) while their arguments and results stay per layer. A model whose GaussianWeight
+parametrizations were registered by hand is walked layer by layer (`bayesian_weights` finds them by type,
+so any module with parametrized `weight` / `bias` takes part; nothing checks class names).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from asbatch.bayes.flat import FlatPosterior, flat_posterior
 from asbatch.bayes.gaussian import NOISE_MODES, GaussianWeight, NoiseMode
 
 BAYESIAN_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
@@ -30,7 +34,8 @@ def make_bayesian(
     log sigma <- init_log_sigma when given, as the reference code initialises it).
 
     Every `weight` and `bias` of the given layer types (BatchNorm: its affine weight and bias; running stats
-    stay ordinary buffers) gets a GaussianWeight. Returns the model for chaining.
+    stay ordinary buffers) gets a GaussianWeight; then their mu and log sigma move into one FlatPosterior
+    (`model.flat_posterior`), the layers keeping views. Returns the model for chaining.
     """
     if is_bayesian(model):
         raise ValueError("model is already Bayesian")
@@ -42,11 +47,19 @@ def make_bayesian(
             if isinstance(param, nn.Parameter):
                 gaussian = GaussianWeight(param.detach(), init_sigma, prior_sigma, init_log_sigma).to(param.device)
                 parametrize.register_parametrization(module, name, gaussian)
+    weights = _walk(model)
+    if weights:
+        FlatPosterior.adopt(model, weights)
     return model
 
 
 def bayesian_weights(model: nn.Module) -> list[tuple[nn.Module, str, GaussianWeight]]:
     """(module, parameter name, GaussianWeight) for every Bayesian weight, in a fixed module order."""
+    posterior = flat_posterior(model)
+    return list(posterior.weights) if posterior is not None else _walk(model)
+
+
+def _walk(model: nn.Module) -> list[tuple[nn.Module, str, GaussianWeight]]:
     found = []
     for module in model.modules():
         if not parametrize.is_parametrized(module):
@@ -90,8 +103,13 @@ def noise_mode(model: nn.Module, mode: NoiseMode) -> Iterator[None]:
 def sample_noise(model: nn.Module, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Draw eps ~ N(0, 1) for every Bayesian weight, hold it (mode "fixed") and return the list.
 
-    With a `generator` the draw is reproducible (drawn on the generator's device, then moved).
+    With a `generator` the draw is reproducible (drawn on the generator's device, then moved). A flat
+    posterior draws all weights' eps with one randn (in `bayesian_weights` order) and returns views of it.
     """
+    posterior = flat_posterior(model)
+    if posterior is not None:
+        posterior.hold(posterior.draw(generator))
+        return list(posterior.eps_list())
     eps = []
     for module, name, _ in bayesian_weights(model):
         mu = _mu(module, name)
@@ -105,12 +123,17 @@ def sample_noise(model: nn.Module, generator: torch.Generator | None = None) -> 
 def set_noise(model: nn.Module, eps: Sequence[torch.Tensor]) -> None:
     """Hold the given eps tensors (one per Bayesian weight, in `bayesian_weights` order; may require grad)."""
     weights = bayesian_weights(model)
+    posterior = flat_posterior(model)
     if len(eps) != len(weights):
         raise ValueError(f"expected {len(weights)} eps tensors, got {len(eps)}")
     for (module, name, g), e in zip(weights, eps, strict=True):
         if e.shape != g.log_sigma.shape:
             raise ValueError(f"eps for {name} of {module.__class__.__name__} has shape {tuple(e.shape)}, "
                              f"expected {tuple(g.log_sigma.shape)}")
+    if posterior is not None:
+        posterior.hold_list(eps)
+        return
+    for (_, _, g), e in zip(weights, eps, strict=True):
         g.eps = e
         g.mode = "fixed"
 
@@ -122,6 +145,9 @@ def get_noise(model: nn.Module) -> list[torch.Tensor | None]:
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:
     """Sum over all Bayesian weights of KL(q(w) || N(0, sigma_0^2)) in closed form (a 0-dim tensor)."""
+    posterior = flat_posterior(model)
+    if posterior is not None:
+        return posterior.kl()
     terms = [g.kl(_mu(m, n)) for m, n, g in bayesian_weights(model)]
     if not terms:
         return torch.zeros(())
@@ -136,7 +162,9 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     `track_running_stats` is True, so switching it off for the duration leaves them (and
     num_batches_tracked) untouched while the forward is the same as in training.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    posterior = flat_posterior(model)
+    layers = posterior.batchnorms if posterior is not None else model.modules()
+    bns = [m for m in layers if isinstance(m, _BatchNorm) and m.track_running_stats]
     for m in bns:
         m.track_running_stats = False
     try:

@@ -151,8 +151,9 @@ def predict(
     """Monte-Carlo prediction with `num_samples` weight samples, each fixed over the whole data set.
 
     `batches` is a re-iterable of (x, y) batches in a fixed order (a list, or a non-shuffling DataLoader);
-    it is traversed once per weight sample. Sample s draws eps from a CPU generator seeded with
-    `sample_seed(seed, s)` = `asbatch.names.derived_seed(seed, s)` (so results do not depend on the device),
+    it is traversed once per weight sample. Sample s draws eps from a generator on the model's device seeded
+    with `sample_seed(seed, s)` = `asbatch.names.derived_seed(seed, s)` (the same on every CPU; a GPU's
+    generator gives other, equally reproducible, draws),
     and runs under no_grad and `parametrize.cached()`, so every weight is computed once per sample. A deterministic
     (non-Bayesian) model is run once: S = 1. The model runs in eval mode; its training flags and noise
     state are restored afterwards. `device` defaults to the model's device. Memory is O(N x C) whatever
@@ -169,8 +170,9 @@ def predict(
     kept: list[torch.Tensor] = []
     with _eval_state(model), torch.no_grad():
         for s in range(num_samples):
-            if bayesian:
-                sample_noise(model, torch.Generator().manual_seed(sample_seed(seed, s)))
+            if bayesian:  # drawn on the model's device: one randn, no host-to-device copy
+                generator = torch.Generator(device=_model_device(model)).manual_seed(sample_seed(seed, s))
+                sample_noise(model, generator)
             with parametrize.cached():
                 probs = acc.add_sample(*_forward_probs(model, batches, device, on_batch))
             if keep_samples:

@@ -1,0 +1,297 @@
+"""The flat posterior of one model: every Bayesian weight's mu, log sigma and eps live in one buffer each.
+
+Why: on a GPU a small network's training step is bound by how many kernels the host launches, and sampling,
+perturbing and summing the posterior layer by layer was most of them (an AS step of ResNet20: ~6,500 ops,
+80 % per-weight bookkeeping). Here one model forward draws eps with one `randn` and builds
+w = mu + sigma * eps for all layers in two ops; each layer's weight is a view of that w (its backward is one
+`cat`), and the AS ascent and the KL are a few ops on the flat tensors.
+
+`make_bayesian` gives each layer a `GaussianWeight` parametrization, then `FlatPosterior.adopt` takes their
+tensors: mu and log sigma become two flat Parameters of the model itself, `flat_mu` and `flat_log_sigma`
+(what the optimizer, DDP and autograd see; not a child module, which nn.Sequential would call), and
+`module.parametrizations.<name>.original` and `GaussianWeight.log_sigma` become views of them (computed on
+access, so `.to()`, `deepcopy` and in-place writes under no_grad all stay consistent). The state_dict keeps
+the per-layer keys only, so checkpoints and fine-tune files have the layout they always had.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
+
+from asbatch.bayes.gaussian import GaussianWeight
+
+ATTRIBUTE = "_flat_posterior"  # where a Bayesian model keeps its FlatPosterior (a plain attribute)
+MU, LOG_SIGMA = "flat_mu", "flat_log_sigma"  # the model's two flat Parameters
+_FULL = (torch.float32, torch.float64)  # the KL is computed in at least fp32
+
+
+class FlatPosterior:
+    """The flat posterior of `model`: mu and log sigma of all its Bayesian weights as two flat Parameters
+    (registered on the model), eps as one flat tensor.
+
+    `weights` lists (module, name, GaussianWeight) in module order (the order of `bayesian_weights`); layer i
+    owns elements offsets[i] : offsets[i] + sizes[i] of every flat tensor.
+    """
+
+    def __init__(self, model: nn.Module, weights: list[tuple[nn.Module, str, GaussianWeight]]):
+        mus = [m.parametrizations[n].original for m, n, _ in weights]
+        log_sigmas = [g.log_sigma for _, _, g in weights]
+        for kind, tensors in (("mu", mus), ("log sigma", log_sigmas)):
+            if len({(t.dtype, t.device) for t in tensors}) > 1:
+                raise ValueError(f"the Bayesian weights' {kind} tensors differ in dtype or device; convert the "
+                                 "model to one dtype and device before make_bayesian")
+        model.register_parameter(MU, nn.Parameter(torch.cat([t.detach().reshape(-1) for t in mus])))
+        model.register_parameter(LOG_SIGMA, nn.Parameter(torch.cat([t.detach().reshape(-1) for t in log_sigmas])))
+        self.model = model
+        self.shapes = [tuple(t.shape) for t in mus]
+        self.sizes = [t.numel() for t in mus]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        priors = {g.prior_sigma for _, _, g in weights}
+        self.prior_sigma = priors.pop() if len(priors) == 1 else None  # None: per-layer priors, per-layer KL
+        self.weights = list(weights)
+        self.batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._eps_flat: torch.Tensor | None = None         # the held eps, authoritative when set
+        self._eps_list: list[torch.Tensor | None] | None = None  # per-layer eps (views or tensors set one by one)
+        self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # detached (mu, sigma) for inner passes
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def adopt(cls, model: nn.Module, weights: list[tuple[nn.Module, str, GaussianWeight]]) -> FlatPosterior:
+        """Move the per-layer mu and log sigma Parameters of `weights` into one FlatPosterior held by `model`,
+        and hook it into `model`'s forward (one w for all layers per forward)."""
+        posterior = cls(model, weights)
+        for index, (module, name, g) in enumerate(weights):
+            plist = module.parametrizations[name]
+            del plist._parameters["original"]
+            plist.__class__ = _FlatParametrizationList
+            del g._parameters["log_sigma"]
+            g.__dict__.pop("eps", None)  # from now on held by the posterior
+            g.__class__ = _FlatGaussianWeight
+            for part in (plist, g):
+                part.__dict__["_posterior"], part.__dict__["_index"] = posterior, index
+        model.__dict__[ATTRIBUTE] = posterior
+        model.register_forward_pre_hook(_begin_pass)
+        model.register_forward_hook(_end_pass, always_call=True)
+        model.register_state_dict_post_hook(_drop_flat_keys)
+        model.register_load_state_dict_post_hook(_flat_keys_are_not_missing)
+        return posterior
+
+    # ------------------------------------------------------------------ the flat Parameters
+
+    @property
+    def mu(self) -> nn.Parameter:
+        return self.model._parameters[MU]
+
+    @property
+    def log_sigma(self) -> nn.Parameter:
+        return self.model._parameters[LOG_SIGMA]
+
+    # ------------------------------------------------------------------ per-layer views
+
+    @property
+    def numel(self) -> int:
+        return self.mu.numel()
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer views of a flat tensor laid out as mu (one op-free split, then reshapes)."""
+        return [t.view(s) for t, s in zip(flat.split(self.sizes), self.shapes, strict=True)]
+
+    def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        return flat.narrow(0, self.offsets[index], self.sizes[index]).view(self.shapes[index])
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One flat tensor from per-layer tensors (one cat; gradients flow back to them)."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    # ------------------------------------------------------------------ eps
+
+    def hold(self, eps: torch.Tensor) -> None:
+        """Hold a flat eps (it may require grad) and put every weight in mode "fixed"."""
+        self._eps_flat, self._eps_list = eps, None
+        for _, _, g in self.weights:
+            g.mode = "fixed"
+
+    def hold_list(self, eps: Sequence[torch.Tensor]) -> None:
+        """Hold per-layer eps tensors (flattened at the next forward) and set mode "fixed"."""
+        self._eps_flat, self._eps_list = None, list(eps)
+        for _, _, g in self.weights:
+            g.mode = "fixed"
+
+    def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A flat eps ~ N(0, 1) in float32: one randn on the generator's device (or mu's), then moved."""
+        device = generator.device if generator is not None else self.mu.device
+        eps = torch.randn(self.numel, generator=generator, device=device, dtype=torch.float32)
+        return eps.to(self.mu.device)
+
+    @property
+    def eps(self) -> torch.Tensor | None:
+        """The held eps as one flat tensor (None if some weight holds none)."""
+        if self._eps_flat is None and self._eps_list is not None and all(e is not None for e in self._eps_list):
+            self._eps_flat = self.flatten(self._eps_list)
+        return self._eps_flat
+
+    def eps_list(self) -> list[torch.Tensor | None]:
+        """The held eps per layer (views of the flat eps, made once per hold, so repeated calls agree)."""
+        if self._eps_list is None:
+            self._eps_list = [None] * len(self.weights) if self._eps_flat is None else self.split(self._eps_flat)
+        return self._eps_list
+
+    def set_layer_eps(self, index: int, eps: torch.Tensor | None) -> None:
+        layers = self.eps_list()
+        layers[index] = eps
+        self._eps_flat = None  # rebuilt from the per-layer tensors when next needed
+
+    # ------------------------------------------------------------------ weights for one forward
+
+    def uniform_mode(self) -> str | None:
+        modes = {g.mode for _, _, g in self.weights}
+        return modes.pop() if len(modes) == 1 else None
+
+    def sample(self, mode: str) -> torch.Tensor:
+        """The flat weights w for one forward in `mode` (all weights share it)."""
+        if mode == "mean":
+            return self.mu
+        if mode == "sample":
+            eps = torch.randn_like(self.mu, dtype=torch.float32)
+        else:
+            eps = self.eps
+            if eps is None:
+                raise RuntimeError("noise mode is 'fixed' but no eps was set (use asbatch.bayes.set_noise)")
+        mu, sigma = self._frozen if self._frozen is not None else (self.mu, self.log_sigma.exp())
+        return torch.addcmul(mu, sigma, eps) if mu.dtype == sigma.dtype == eps.dtype else mu + sigma * eps
+
+    def frozen(self) -> _Frozen:
+        """Context: forwards use detached mu and sigma (one exp for all passes): for the AS inner passes,
+        which differentiate w.r.t. eps only."""
+        return _Frozen(self)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, sigma_0^2)) summed over all weights, in at least fp32 (see GaussianWeight.kl)."""
+        if self.prior_sigma is None:
+            return torch.stack([g.kl(self.view(self.mu, i)) for i, (_, _, g) in enumerate(self.weights)]).sum()
+        mu = self.mu if self.mu.dtype in _FULL else self.mu.float()
+        log_sigma = self.log_sigma if self.log_sigma.dtype == mu.dtype else self.log_sigma.to(mu.dtype)
+        var0 = self.prior_sigma**2
+        # sum of log(s0) - log s + (s^2 + mu^2) / (2 s0^2) - 1/2, the constants summed once
+        per_element = torch.addcmul((2 * log_sigma).exp(), mu, mu).div_(2 * var0).sub_(log_sigma)
+        return per_element.sum() + self.numel * (math.log(self.prior_sigma) - 0.5)
+
+    def begin_pass(self) -> None:
+        """Compute w for all layers at once and hand each layer its view (`GaussianWeight.current`) for one
+        model forward. Weights in mixed noise modes fall back to each layer computing its own."""
+        mode = self.uniform_mode()
+        if mode is None:
+            return
+        for (_, _, g), view in zip(self.weights, self.split(self.sample(mode)), strict=True):
+            g.__dict__["current"] = view
+
+    def end_pass(self) -> None:
+        for _, _, g in self.weights:
+            g.__dict__["current"] = None
+
+
+class _Frozen:
+    def __init__(self, posterior: FlatPosterior):
+        self.posterior = posterior
+
+    def __enter__(self) -> None:
+        p = self.posterior
+        self.before = p._frozen
+        with torch.no_grad():
+            p._frozen = (p.mu.detach(), p.log_sigma.exp())
+
+    def __exit__(self, *exc: object) -> None:
+        self.posterior._frozen = self.before
+
+
+def _begin_pass(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a Bayesian model: w for all layers, once."""
+    model.__dict__[ATTRIBUTE].begin_pass()
+
+
+def _end_pass(model: nn.Module, args: Any, output: Any) -> None:
+    model.__dict__[ATTRIBUTE].end_pass()
+
+
+def _drop_flat_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict post-hook: the flat Parameters are saved by the layers, under their per-layer keys."""
+    for name in (MU, LOG_SIGMA):
+        state_dict.pop(prefix + name, None)
+
+
+def _flat_keys_are_not_missing(model: nn.Module, incompatible: Any) -> None:
+    """load_state_dict post-hook: the layers loaded the flat Parameters through their views."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k.rpartition(".")[2] not in (MU, LOG_SIGMA)]
+
+
+def _load_view(view: torch.Tensor, state_dict: dict[str, Any], key: str, strict: bool, missing_keys: list[str],
+               error_msgs: list[str]) -> None:
+    """Copy state_dict[key] (removed from it) into a view of a flat Parameter, as torch loads a Parameter."""
+    if key not in state_dict:
+        if strict:
+            missing_keys.append(key)
+        return
+    value = state_dict.pop(key)
+    if not isinstance(value, torch.Tensor) or value.shape != view.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        error_msgs.append(f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
+                          f"the shape in current model is {tuple(view.shape)}.")
+        return
+    with torch.no_grad():
+        view.copy_(value)
+
+
+class _FlatParametrizationList(ParametrizationList):
+    """A layer's parametrization list whose `original` (mu) is a view of the model's flat mu."""
+
+    @property
+    def original(self) -> torch.Tensor:
+        return self._posterior.view(self._posterior.mu, self._index)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "original"] = self.original if keep_vars else self.original.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        _load_view(self.original, state_dict, prefix + "original", strict, missing_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class _FlatGaussianWeight(GaussianWeight):
+    """A GaussianWeight whose log sigma and eps live in the model's FlatPosterior (per-layer views)."""
+
+    @property
+    def log_sigma(self) -> torch.Tensor:
+        return self._posterior.view(self._posterior.log_sigma, self._index)
+
+    @property
+    def eps(self) -> torch.Tensor | None:
+        return self._posterior.eps_list()[self._index]
+
+    @eps.setter
+    def eps(self, value: torch.Tensor | None) -> None:
+        self._posterior.set_layer_eps(self._index, value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "log_sigma"] = self.log_sigma if keep_vars else self.log_sigma.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        _load_view(self.log_sigma, state_dict, prefix + "log_sigma", strict, missing_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def flat_posterior(model: nn.Module) -> FlatPosterior | None:
+    """The model's FlatPosterior (None for a deterministic model)."""
+    return model.__dict__.get(ATTRIBUTE)
