@@ -119,6 +119,20 @@ class TrackingConfig(Section):
     tags: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
 
 
+class SpeedConfig(Section):
+    """Settings that change how fast a run trains, never its numbers: not part of the run id."""
+
+    poll_every: int = Field(
+        50, gt=0, le=100_000,
+        description="read the device every K steps (loss finiteness; with several ranks the stop agreement): a "
+                    "step itself reads nothing, so a GPU never waits for the host; a signal stops the run "
+                    "within K steps with several ranks, at once with one")
+
+
+# sections that do not change a run's results, so not part of its id
+NOT_IN_RUN_ID = ("tracking", "speed")
+
+
 class RunConfig(Section):
     sweep: str = "default"
     stage: str = "train"
@@ -137,6 +151,7 @@ class RunConfig(Section):
     adversarial: AdversarialConfig = AdversarialConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    speed: SpeedConfig = SpeedConfig()
 
     @field_validator("sweep", "stage")
     @classmethod
@@ -154,8 +169,9 @@ class RunConfig(Section):
 
     @property
     def run_id(self) -> str:
-        """Stable id: a hash of everything except the tracking section (which does not change results)."""
+        """Stable id: a hash of everything except the sections that do not change results (tracking, speed)."""
         content = self.to_dict()
-        content.pop("tracking")
+        for section in NOT_IN_RUN_ID:
+            content.pop(section)
         blob = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return f"{self.stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

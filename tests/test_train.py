@@ -206,6 +206,8 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_perturbation_stays_finite_a
         warnings.simplefilter("always")
         trainer.step(x, y)
     assert not [w for w in caught if "lr_scheduler" in str(w.message)], "a skipped step warns nobody"
+    assert trainer.prog.skipped_steps == 0, "a step reads nothing from the device: skipped steps are tallied there"
+    trainer.collect()
     assert trainer.prog.skipped_steps == 1 and trainer.scaler.get_scale() == 2.0**39
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.inner.parameters(), strict=True)), "step skipped"
     eps = get_noise(trainer.inner)

@@ -137,11 +137,20 @@ def lr_factor(config: RunConfig, epoch: float) -> float:
 
 
 def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    """Adam or SGD, fused (one kernel for all parameters, and no host read of found_inf under a GradScaler)
+    where torch has a fused kernel for the parameters' device, foreach otherwise."""
     o = config.optim
+    params = list(params)
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        kwargs, cls = {"momentum": o.momentum, "nesterov": o.nesterov}, torch.optim.SGD
+    else:
+        kwargs, cls = {}, torch.optim.Adam
+    fused_ok = all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
+    speed = {"fused": True} if fused_ok else {"foreach": True}
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay, **kwargs, **speed)
+
+
+_FUSED_DEVICES = ("cuda", "cpu", "xpu", "mps")  # where torch 2.x has fused Adam / SGD kernels
 
 
 def init_weights_file(config: RunConfig, sweep_dir: SweepDir) -> Path:

@@ -3,6 +3,12 @@
 The data order, augmentation and AS noise come from generators seeded by (seed, epoch) or (seed, rank)
 whose state is checkpointed, so a run killed at any point and restarted ends bitwise identical (CPU, fp32)
 to an uninterrupted one.
+
+A step reads nothing from the device (on a GPU each read would wait for the queued kernels): the loss sum,
+correct counts and skipped fp16 steps add up in a device tally, and each step's loss finiteness is written
+to a device window. Every `speed.poll_every` steps, before every checkpoint and at the epoch end, one read
+(`poll`) checks the window (a NaN never reaches a checkpoint; the message names the first bad step) and,
+with several ranks, agrees on stopping in the same all-reduce.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from asbatch.fsutil import atomic_write_bytes
 from asbatch.names import EPOCH_SAMPLE_STREAM, derived_seed
 from asbatch.rundir import RunDir, SweepDir
 from asbatch.runshape import epoch_test_acc
-from asbatch.train import checkpoint
+from asbatch.train import checkpoint, legacy
 from asbatch.train.faults import kill_point, nan_loss
 from asbatch.train.setup import (
     autocast_dtype,
@@ -77,6 +83,43 @@ class Progress:
     epoch_correct_adv: int = 0  # correct predictions of the adversarial pass (lambda > 0)
 
 
+class DeviceTally:
+    """What the steps since the last host read add up, on the device: loss sum, correct predictions of the
+    prediction and adversarial passes, skipped fp16 steps, and one finiteness flag per step."""
+
+    LOSS, CORRECT, CORRECT_ADV, SKIPPED = range(4)
+
+    def __init__(self, device: torch.device, window: int):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.finite = torch.ones(window, dtype=torch.bool, device=device)
+        self.pending = 0  # steps since the last poll (their flags are finite[:pending])
+
+    def add_step(self, loss: torch.Tensor, correct: torch.Tensor, correct_adv: torch.Tensor | None,
+                 force_bad: bool = False) -> None:
+        self.sums[self.LOSS].add_(loss)
+        self.sums[self.CORRECT].add_(correct)
+        if correct_adv is not None:
+            self.sums[self.CORRECT_ADV].add_(correct_adv)
+        flag = self.finite[self.pending]
+        if force_bad:  # fault injection (ASBATCH_FAULT=nan:...): this rank's loss counts as non-finite
+            flag.fill_(False)
+        else:
+            flag.copy_(torch.isfinite(loss))
+        self.pending += 1
+
+    def first_bad(self, first_step: int) -> torch.Tensor:
+        """On the device: the global step of the first non-finite loss since the last poll, 0 if none
+        (`first_step` is the global step, from 1, of the first pending step)."""
+        bad = ~self.finite[:self.pending]
+        return torch.where(bad.any(), bad.int().argmax() + first_step, 0)
+
+    def take(self) -> list[float]:
+        """Read and reset the sums (one host read)."""
+        values = self.sums.tolist()
+        self.sums.zero_()
+        return values
+
+
 @torch.no_grad()
 def test_accuracy(model: nn.Module, loader: DeviceLoader) -> float:
     correct = total = 0
@@ -96,7 +139,8 @@ def epoch_test_metrics(model: nn.Module, loader: DeviceLoader, bayesian: bool, e
     with noise_mode(model, "mean"):
         mean_acc = test_accuracy(model, loader)
     with noise_mode(model, "fixed"):
-        sample_noise(model, torch.Generator().manual_seed(derived_seed(0, EPOCH_SAMPLE_STREAM + epoch)))
+        device = next(model.parameters()).device  # drawn where the model is: no host-to-device copy
+        sample_noise(model, torch.Generator(device=device).manual_seed(derived_seed(0, EPOCH_SAMPLE_STREAM + epoch)))
         sample_acc = test_accuracy(model, loader)
     return {"test_acc_mean": mean_acc, "test_acc_sample": sample_acc}
 
@@ -144,6 +188,9 @@ class Trainer:
         self.memory = AscentMemory.zeros_for(self.inner) if reference else None
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.prog = Progress()
+        self.poll_every = config.speed.poll_every
+        self.tally = DeviceTally(self.device, self.poll_every)
+        self._one = torch.ones((), device=self.device)  # scaler.scale(one): the fp16 scale, without a host read
 
     def _ood_loader(self) -> DeviceLoader | None:
         """The final evaluation's OOD test set, loaded before training on every rank (so a missing one fails
@@ -181,7 +228,13 @@ class Trainer:
 
     def _load_states(self, shared: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
         self.inner.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
+        optimizer_state = shared["optimizer"]
+        if legacy.is_legacy(self.inner, optimizer_state):
+            warnings.warn("this checkpoint was written before the flat posterior (per-layer optimizer state): "
+                          "converted; the run goes on with the new AS noise stream, so it is no longer bitwise "
+                          "equal to an uninterrupted run of the older code", stacklevel=2)
+            optimizer_state = legacy.convert_optimizer_state(self.inner, self.optimizer, optimizer_state)
+        self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(shared["scheduler"])
         if self.scaler is not None and shared.get("scaler"):
             self.scaler.load_state_dict(shared["scaler"])
@@ -192,7 +245,10 @@ class Trainer:
                 self.memory.load_state_dict(rank_state["ascent_memory"])
 
     def save_checkpoint(self) -> None:
-        """Collective: rank 0 saves the shared state, every rank its RNG states."""
+        """Collective: rank 0 saves the shared state, every rank its RNG states. The steps since the last poll
+        are checked first (a non-finite loss raises: it never reaches a checkpoint) and their tally read."""
+        self.poll(False)
+        self.collect()
         shared = None
         if self.is_main:
             shared = {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -207,29 +263,56 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
 
-    def agree(self, stop: bool, non_finite: bool) -> tuple[bool, list[int]]:
-        """One all-reduce per step: does any rank want to stop, and which ranks saw a non-finite loss? Every
-        rank gets the same answer, so all stop together (no rank waits in a collective for a dead one)."""
+    def agree(self, stop: bool, first_bad: torch.Tensor | None = None) -> tuple[bool, dict[int, int]]:
+        """One read (with several ranks, in one all-reduce): does any rank want to stop, and which ranks saw a
+        non-finite loss, at which global step ({rank: step}). Every rank gets the same answer, so all stop
+        together (no rank waits in a collective for a dead one)."""
         if self.world == 1:
-            return stop, [self.rank] if non_finite else []
-        flags = torch.zeros(self.world + 1, device=self.device)
-        flags[0], flags[1 + self.rank] = float(stop), float(non_finite)
+            step = int(first_bad) if first_bad is not None else 0
+            return stop, {self.rank: step} if step else {}
+        flags = torch.zeros(self.world + 1, device=self.device, dtype=torch.float64)
+        flags[0] = float(stop)
+        if first_bad is not None:
+            flags[1 + self.rank] = first_bad
         flags = self.accelerator.reduce(flags, reduction="sum").tolist()
-        return flags[0] > 0, [r for r in range(self.world) if flags[1 + r] > 0]
+        return flags[0] > 0, {r: int(flags[1 + r]) for r in range(self.world) if flags[1 + r] > 0}
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    def poll(self, stop: bool) -> bool:
+        """Collective: check the losses of the steps since the last poll (NonFiniteLossError naming the first
+        bad one) and agree on stopping; returns whether any rank asked to stop."""
+        tally = self.tally
+        if tally.pending == 0:
+            return self.agree(stop)[0] if stop or self.world > 1 else False
+        first_bad = tally.first_bad(self.prog.global_step - tally.pending + 1)
+        tally.finite.fill_(True)
+        tally.pending = 0
+        stop, bad = self.agree(stop, first_bad)
+        if bad:
+            raise NonFiniteLossError(self._non_finite_message(bad))
+        return stop
+
+    def collect(self) -> None:
+        """Move the device tally of the current epoch into the (checkpointed) progress: one host read."""
+        loss, correct, correct_adv, skipped = self.tally.take()
+        prog = self.prog
+        prog.epoch_loss_sum += loss
+        prog.epoch_correct += round(correct)
+        prog.epoch_correct_adv += round(correct_adv)
+        prog.skipped_steps += round(skipped)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One optimizer step; returns (loss, logits of a posterior sample, logits of the adversarial pass or
-        None), detached, and whether any rank asked to stop. The forward runs under autocast (see
-        `autocast_forward`); the backward passes inside the AS step run outside it, as they should. A
-        non-finite loss on any rank stops every rank before the optimizer step."""
+        None), detached. The forward runs under autocast (see `autocast_forward`); the backward passes inside
+        the AS step run outside it, as they should. Reads nothing from the device: the loss's finiteness is
+        checked at the next `poll`, before any checkpoint."""
         acc, adv = self.accelerator, self.config.adversarial
         adv_logits = None
+        scale = self.scaler.scale(self._one) if self.scaler is not None else None  # a copy of the current scale
         if self.config.model.bayesian:
-            scale = self.scaler.get_scale() if self.scaler is not None else 1.0
             fp32_inner = adv.inner_precision == "fp32" and autocast_dtype(self.config, self.device) is not None
             kwargs = {"lam": adv.lam, "steps": adv.steps, "alpha": adv.alpha, "kl_weight": self.kl_weight,
-                      "inner_model": self.inner, "backward": self._backward, "loss_scale": scale,
+                      "inner_model": self.inner, "backward": self._backward,
+                      "loss_scale": scale if scale is not None else 1.0,
                       "no_sync": lambda: acc.no_sync(self.model), "generator": self.eps_gen,
                       "inner_context": full_precision if fp32_inner else None}
             if self.memory is not None:
@@ -241,41 +324,40 @@ class Trainer:
             logits = self.model(x)
             loss = F.cross_entropy(logits, y)
             self._backward(loss)
-        non_finite = not bool(torch.isfinite(loss)) or nan_loss(self.prog.global_step + 1, self.rank)
-        stop, bad_ranks = self.agree(stop, non_finite)
-        if bad_ranks:
-            raise NonFiniteLossError(self._non_finite_message(bad_ranks))
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
         if self.config.optim.grad_clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         if self.scaler is not None:
-            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skipped when a gradient is inf / NaN; the scale then drops
             self.scaler.update()
-            self.prog.skipped_steps += int(self.scaler.get_scale() < scale)
+            self.tally.sums[DeviceTally.SKIPPED].add_(self.scaler.scale(self._one) < scale)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # the schedule follows the data position, skipped fp16 steps included
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
             self.scheduler.step()
-        return loss.detach(), logits.detach(), adv_logits, stop
+        correct_adv = None if adv_logits is None else (adv_logits.argmax(1) == y).sum()
+        self.tally.add_step(loss.detach(), (logits.argmax(1) == y).sum(), correct_adv,
+                            force_bad=nan_loss(self.prog.global_step + 1, self.rank))
+        return loss.detach(), logits.detach(), adv_logits
 
-    def _non_finite_message(self, ranks: list[int]) -> str:
+    def _non_finite_message(self, bad: dict[int, int]) -> str:
         last = checkpoint.latest_step(self.run_dir.checkpoints)
         kept = (f"the last good checkpoint (step {last}) in {self.run_dir.checkpoints} is kept" if last is not None
                 else "no checkpoint was written before it")
+        ranks = sorted(bad)
         where = "" if self.world == 1 else f" on rank {', '.join(map(str, ranks))} of {self.world}"
-        step, epoch = self.prog.global_step + 1, self.prog.epoch + 1  # the failing step, counted as people do
-        return f"loss is nan or inf{where} at global step {step} (epoch {epoch}); {kept}"
+        epoch = self.prog.epoch + 1  # polls happen inside the epoch, so the bad step is in this one
+        return f"loss is nan or inf{where} at global step {min(bad.values())} (epoch {epoch}); {kept}"
 
     def run_epoch(self, should_stop: Callable[[], bool] | None, bar) -> tuple[float, float]:
         """Train the rest of the current epoch (checkpointing every `checkpoint_every` steps); returns this
         rank's summed epoch loss and the seconds spent on the whole epoch (over all segments). Raises
-        TrainingInterrupted after a checkpoint if asked to stop."""
+        TrainingInterrupted after a checkpoint if asked to stop: at once with one rank, at the next poll
+        (within `speed.poll_every` steps) with several."""
         prog, started = self.prog, time.time()
-        loss_sum = torch.tensor(prog.epoch_loss_sum, device=self.device)
 
         def clock() -> None:  # move the time since `started` into the progress (checkpointed) counters
             nonlocal started
@@ -285,7 +367,6 @@ class Trainer:
             started = now
 
         def checkpoint_mid_epoch() -> None:
-            prog.epoch_loss_sum = loss_sum.item()
             clock()
             self.save_checkpoint()
 
@@ -293,24 +374,26 @@ class Trainer:
         if self.config.optim.reset_each_epoch and prog.step_in_epoch == 0:
             self.optimizer.state.clear()  # as a new optimizer (the reference re-creates Adam every epoch)
         for x, y in self.train_loader.epoch(prog.epoch, prog.step_in_epoch):
-            loss, logits, adv_logits, stop = self.step(x, y, should_stop is not None and should_stop())
-            loss_sum += loss
-            prog.epoch_correct += int((logits.argmax(1) == y).sum())
-            if adv_logits is not None:
-                prog.epoch_correct_adv += int((adv_logits.argmax(1) == y).sum())
+            self.step(x, y)
             prog.epoch_seen += len(y)
             prog.step_in_epoch += 1
             prog.global_step += 1
             if bar is not None:
                 bar.update(1)
             kill_point("step", prog.global_step)
-            if stop:
-                checkpoint_mid_epoch()
-                raise TrainingInterrupted(prog.global_step)
-            if prog.global_step % self.config.checkpoint_every == 0 and prog.step_in_epoch < self.steps_per_epoch:
-                checkpoint_mid_epoch()
+            want_stop = should_stop is not None and should_stop()
+            checkpoint_due = (prog.global_step % self.config.checkpoint_every == 0
+                              and prog.step_in_epoch < self.steps_per_epoch)
+            if self.tally.pending >= self.poll_every or checkpoint_due or (want_stop and self.world == 1):
+                if self.poll(want_stop):
+                    checkpoint_mid_epoch()
+                    raise TrainingInterrupted(prog.global_step)
+                if checkpoint_due:
+                    checkpoint_mid_epoch()
+        self.poll(False)
+        self.collect()
         clock()
-        return loss_sum.item(), prog.epoch_time_s
+        return prog.epoch_loss_sum, prog.epoch_time_s
 
     def epoch_metrics(self, loss_sum: float, epoch_time: float) -> dict[str, Any] | None:
         """The epoch's metrics row on rank 0 (None elsewhere; a collective, all ranks call it)."""
@@ -344,7 +427,7 @@ class Trainer:
 
     def stop_if_asked(self, should_stop: Callable[[], bool] | None) -> None:
         """After an epoch-end checkpoint: stop there if any rank was asked to (collective)."""
-        if should_stop is not None and self.agree(should_stop(), non_finite=False)[0]:
+        if should_stop is not None and self.agree(should_stop())[0]:
             raise TrainingInterrupted(self.prog.global_step)
 
     def results(self, wall_start: float, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Checkpoints written before the flat posterior: their optimizer state is per layer; convert it on resume.
+
+Until the flat posterior (asbatch.bayes.flat), every Bayesian weight had its own mu and log sigma Parameters,
+so the optimizer's state held one entry per layer and per kind, in `model.parameters()` order: each layer's
+`parametrizations.<name>.original` (mu), then its GaussianWeight's `log_sigma`. The model's state_dict kept
+its keys, so only the optimizer state needs converting: the per-layer moments are concatenated into the flat
+Parameters' moments, in the flat layout. Step counts are the same for every entry (one optimizer), so the
+first one is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from asbatch.bayes import flat_posterior
+from asbatch.bayes.flat import LOG_SIGMA, MU
+
+
+def _legacy_order(model: nn.Module) -> list[tuple[str, int] | nn.Parameter]:
+    """The old `model.parameters()` order: ("mu", i) / ("log_sigma", i) for Bayesian weight i, else the
+    Parameter itself."""
+    posterior = flat_posterior(model)
+    where = {}
+    for i, (module, name, g) in enumerate(posterior.weights):
+        where[id(module.parametrizations[name])] = ("mu", i)
+        where[id(g)] = ("log_sigma", i)
+    order: list[tuple[str, int] | nn.Parameter] = []
+    for module in model.modules():
+        if id(module) in where:
+            order.append(where[id(module)])
+        order.extend(p for n, p in module._parameters.items()
+                     if p is not None and not (module is model and n in (MU, LOG_SIGMA)))
+    return order
+
+
+def is_legacy(model: nn.Module, optimizer_state: dict[str, Any]) -> bool:
+    """Was this optimizer state written for the per-layer layout of this (flat Bayesian) model?"""
+    saved = sum(len(g["params"]) for g in optimizer_state["param_groups"])
+    return flat_posterior(model) is not None and saved == len(_legacy_order(model))
+
+
+def convert_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            legacy: dict[str, Any]) -> dict[str, Any]:
+    """The legacy (per-layer) optimizer state dict as a state dict for `optimizer` over the flat model."""
+    posterior = flat_posterior(model)
+    if len(legacy["param_groups"]) != 1 or len(optimizer.param_groups) != 1:
+        raise ValueError("a checkpoint of the per-layer layout with several parameter groups cannot be converted")
+    order = _legacy_order(model)
+    old_ids = legacy["param_groups"][0]["params"]
+    per_layer: dict[str, list[dict[str, Any] | None]] = {"mu": [None] * len(posterior.weights),
+                                                         "log_sigma": [None] * len(posterior.weights)}
+    plain: dict[int, dict[str, Any]] = {}
+    for old_id, what in zip(old_ids, order, strict=True):
+        state = legacy["state"].get(old_id)
+        if isinstance(what, tuple):
+            per_layer[what[0]][what[1]] = state
+        elif state is not None:
+            plain[id(what)] = state
+    new_params = optimizer.param_groups[0]["params"]
+    flat = {id(posterior.mu): "mu", id(posterior.log_sigma): "log_sigma"}
+    state: dict[int, dict[str, Any]] = {}
+    for index, param in enumerate(new_params):
+        kind = flat.get(id(param))
+        merged = _concatenate(per_layer[kind], posterior.shapes) if kind else plain.get(id(param))
+        if merged is not None:
+            state[index] = merged
+    group = {k: v for k, v in legacy["param_groups"][0].items() if k != "params"}
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(new_params)))}]}
+
+
+def _concatenate(states: list[dict[str, Any] | None], shapes: list[tuple[int, ...]]) -> dict[str, Any] | None:
+    """One flat state from per-layer ones: tensors of the layers' shapes are concatenated (a layer without
+    state contributes zeros), scalars (Adam's step) taken from the first layer that has them."""
+    present = [s for s in states if s is not None]
+    if not present:
+        return None
+    merged: dict[str, Any] = {}
+    for key, value in present[0].items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            parts = [(s[key] if s is not None else torch.zeros(shape, dtype=value.dtype)).reshape(-1)
+                     for s, shape in zip(states, shapes, strict=True)]
+            merged[key] = torch.cat(parts)
+        else:
+            merged[key] = value
+    return merged
