@@ -84,5 +84,5 @@ def _concatenate(states: list[dict[str, Any] | None], shapes: list[tuple[int, ..
                      for s, shape in zip(states, shapes, strict=True)]
             merged[key] = torch.cat(parts)
         else:
-            merged[key] = value
+            merged[key] = value.clone() if isinstance(value, torch.Tensor) else value
     return merged

@@ -1,0 +1,175 @@
+"""The flat posterior: one buffer each for mu, log sigma and eps; per-layer views; a step's launch and sync budget."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from asbatch.adversarial import as_step
+from asbatch.bayes import (
+    GaussianWeight,
+    bayesian_weights,
+    flat_posterior,
+    get_noise,
+    kl_divergence,
+    make_bayesian,
+    noise_mode,
+    sample_noise,
+    set_noise,
+)
+from asbatch.opcount import HostReadCounter, OpCounter
+
+
+def plain_conv_net(blocks: int) -> nn.Sequential:
+    """conv-BN-ReLU blocks then a linear head: `blocks` sets how many Bayesian weights there are (4 per block)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+
+
+def conv_net(blocks: int) -> nn.Module:
+    return make_bayesian(plain_conv_net(blocks), init_sigma=0.1).train()
+
+
+def batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_every_layers_mu_and_log_sigma_are_views_of_two_flat_parameters():
+    net = conv_net(2)
+    posterior = flat_posterior(net)
+    assert [n for n, _ in net.named_parameters()] == ["flat_mu", "flat_log_sigma"]
+    mu, log_sigma = posterior.mu, posterior.log_sigma
+    offset = 0
+    for module, name, g in bayesian_weights(net):
+        original = module.parametrizations[name].original
+        assert original.data_ptr() == mu.data_ptr() + offset * mu.element_size()
+        assert g.log_sigma.data_ptr() == log_sigma.data_ptr() + offset * log_sigma.element_size()
+        offset += original.numel()
+    assert offset == mu.numel() == log_sigma.numel()
+    with torch.no_grad():  # writing a layer's view writes the flat parameter the forward uses
+        net[0].parametrizations.weight.original.fill_(0.25)
+    assert torch.all(mu[: net[0].weight.numel()] == 0.25)
+
+
+def test_state_dict_keeps_the_per_layer_keys_and_loads_back_into_the_flat_parameters():
+    net, twin = conv_net(2), conv_net(2)
+    with torch.no_grad():
+        flat_posterior(net).mu.normal_()
+        flat_posterior(net).log_sigma.fill_(-1.5)
+    state = net.state_dict()
+    assert "flat_mu" not in state and "flat_log_sigma" not in state
+    assert {"0.parametrizations.weight.original", "0.parametrizations.weight.0.log_sigma",
+            "7.parametrizations.bias.original", "1.running_mean"} <= state.keys()
+    twin.load_state_dict(state)  # strict: nothing missing, nothing unexpected
+    assert torch.equal(flat_posterior(twin).mu, flat_posterior(net).mu)
+    assert torch.equal(flat_posterior(twin).log_sigma, flat_posterior(net).log_sigma)
+    state["0.parametrizations.weight.original"] = torch.zeros(2, 2)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0\.parametrizations\.weight\.original"):
+        twin.load_state_dict(state)
+    del state["0.parametrizations.weight.original"]
+    with pytest.raises(RuntimeError, match=r"Missing key.*0\.parametrizations\.weight\.original"):
+        twin.load_state_dict(state)
+
+
+def test_conversion_deepcopy_and_eval_keep_the_views_on_the_flat_parameters():
+    net = conv_net(1)
+    x, _ = batch()
+    copied = copy.deepcopy(net).double()
+    with torch.no_grad():
+        flat_posterior(copied).mu.add_(1.0)  # the copy is independent, and its views follow its own flat tensors
+    assert not torch.equal(flat_posterior(copied).mu.float(), flat_posterior(net).mu)
+    assert copied[0].parametrizations.weight.original.dtype == torch.float64
+    assert torch.equal(copied[0].parametrizations.weight.original.float(), net[0].parametrizations.weight.original + 1)
+    with noise_mode(copied.eval(), "mean"):
+        expected = F.conv2d(x.double(), copied[0].parametrizations.weight.original,
+                            copied[0].parametrizations.bias.original, padding=1)
+        torch.testing.assert_close(copied[0](x.double()), expected)
+
+
+def test_a_forward_builds_every_weight_from_one_flat_sample_and_matches_the_per_layer_formula():
+    net = conv_net(2).eval()
+    x, _ = batch()
+    eps = sample_noise(net, torch.Generator().manual_seed(3))
+    with OpCounter() as ops:
+        out = net(x)
+    assert ops.ops["exp"] == 1 and ops.ops["addcmul"] == 1, ops.ops  # not one exp / mul / add per layer
+    reference = make_bayesian_by_hand(net)  # the same posterior, per-layer parametrizations, no flat buffers
+    set_noise(reference, [e.clone() for e in eps])
+    torch.testing.assert_close(out, reference(x))
+
+
+def make_bayesian_by_hand(net: nn.Module) -> nn.Module:
+    """A copy of `net` (a `conv_net(2)`) whose Bayesian weights are registered layer by layer with their own
+    Parameters, as before the flat posterior."""
+    plain = plain_conv_net(2)
+    for (module, name, g), (m2, n2) in zip(bayesian_weights(net), _weights(plain), strict=True):
+        per_layer = GaussianWeight(module.parametrizations[name].original.detach().clone(), prior_sigma=g.prior_sigma)
+        with torch.no_grad():
+            per_layer.log_sigma.copy_(g.log_sigma)
+        parametrize.register_parametrization(m2, n2, per_layer)
+        with torch.no_grad():
+            m2.parametrizations[n2].original.copy_(module.parametrizations[name].original)
+    return plain.train(net.training)
+
+
+def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, n) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d)
+            for n in ("weight", "bias")]
+
+
+def test_one_randn_draws_every_layers_eps_and_the_flat_kl_equals_the_per_layer_sum():
+    net = conv_net(3)
+    with OpCounter() as ops:
+        eps = sample_noise(net, torch.Generator().manual_seed(0))
+    assert ops.ops["randn"] == 1 and len(eps) == 14
+    assert all(a is b for a, b in zip(eps, get_noise(net), strict=True))
+    with torch.no_grad():
+        flat_posterior(net).mu.normal_()
+        flat_posterior(net).log_sigma.uniform_(-3, 0)
+    per_layer = sum(g.kl(m.parametrizations[n].original) for m, n, g in bayesian_weights(net))
+    torch.testing.assert_close(kl_divergence(net), per_layer, rtol=1e-5, atol=1e-4)
+
+
+def as_step_ops(blocks: int, lam: float, steps: int = 5) -> int:
+    net = conv_net(blocks)
+    x, y = batch()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    for _ in range(2):  # the second step is counted (Adam's state exists)
+        with OpCounter() as ops:
+            as_step(net, x, y, lam=lam, steps=steps, alpha=0.02, kl_weight=1e-3,
+                    generator=torch.Generator().manual_seed(0))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return ops.total
+
+
+def test_an_as_steps_launches_grow_with_the_network_not_with_its_number_of_weights():
+    """Four more Bayesian weights (one conv-BN block) cost an AS step at most 6 x what they cost one training
+    pass of the network (the N + 1 = 6 passes; inner passes leave BN's running stats alone, one op less), and
+    no per-weight bookkeeping (sampling, ascent, KL, optimizer) on top: before the flat posterior it was
+    ~30 ops per weight and step."""
+    small, large = as_step_ops(1, 0.8), as_step_ops(2, 0.8)
+    plain_small, plain_large = as_step_ops(1, 0.0), as_step_ops(2, 0.0)
+    per_block_pass = plain_large - plain_small  # one forward + backward of the block's conv, BN, ReLU
+    assert 5 <= per_block_pass <= 12, per_block_pass
+    assert 5 * per_block_pass <= large - small <= 6 * per_block_pass, (small, large, per_block_pass)
+    # and the step's total stays the network's 6 passes plus a few dozen ops for sampling, ascent and KL
+    assert small <= 6 * plain_small, (small, plain_small)
+
+
+def test_an_as_step_reads_nothing_from_the_device():
+    net = conv_net(1)
+    x, y = batch()
+    with HostReadCounter() as reads:
+        out = as_step(net, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=1e-3, loss_scale=torch.tensor(1024.0))
+    assert reads.total == 0, reads.reads
+    assert out.total.requires_grad is False and out.adv_logits is not None

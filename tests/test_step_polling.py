@@ -1,0 +1,144 @@
+"""The training loop reads the device only at poll points; a NaN is still caught before any checkpoint; old
+checkpoints (per-layer optimizer state) resume; speed settings keep the run id."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from asbatch.bayes import GaussianWeight, bayesian_weights, flat_posterior, make_bayesian, noise_mode
+from asbatch.config import RunConfig
+from asbatch.opcount import HostReadCounter
+from asbatch.rundir import RunDir
+from asbatch.train import NonFiniteLossError, checkpoint, legacy
+from asbatch.train.trainer import Trainer
+
+
+def config(**over) -> RunConfig:
+    base = {"sweep": "t", "cpu": True,
+            "data": {"name": "digits", "batch_size": 32, "test_batch_size": 360, "train_subset": 320},
+            "model": {"name": "mlp", "init_sigma": 0.01, "width": 16}, "schedule": {"name": "cosine", "epochs": 2},
+            "adversarial": {"lam": 0.8, "steps": 2}, "eval": {"num_samples": 2}}
+    base.update(over)
+    return RunConfig.model_validate(base)
+
+
+def test_an_epoch_reads_the_device_once_per_poll_and_once_for_its_tally(tmp_path):
+    trainer = Trainer(config(speed={"poll_every": 4}), RunDir(tmp_path / "r"))  # 10 steps: polls after 4 and 8
+    with HostReadCounter() as reads:
+        loss_sum, _ = trainer.run_epoch(None, None)
+    # 2 polls + the epoch-end poll (steps 9-10) + the tally: no read inside any of the 10 steps
+    assert reads.total == 4, reads.reads
+    assert trainer.prog.global_step == 10 and trainer.prog.epoch_seen == 320
+    assert 0 < trainer.prog.epoch_correct <= 320 and loss_sum == trainer.prog.epoch_loss_sum > 0
+
+
+def test_a_nan_found_at_the_next_poll_names_its_step_and_never_reaches_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASBATCH_FAULT", "nan:5")
+    cfg = config(checkpoint_every=3, speed={"poll_every": 50})
+    trainer = Trainer(cfg, RunDir(tmp_path / "r"))
+    with pytest.raises(NonFiniteLossError, match=r"at global step 5 \(epoch 1\); the last good checkpoint \(step 3\)"):
+        trainer.run_epoch(None, None)
+    # the checkpoint due at step 6 polled first: step 3's is the newest, and nothing after the bad step was saved
+    assert checkpoint.latest_step(trainer.run_dir.checkpoints) == 3
+    assert trainer.prog.global_step == 6
+
+
+def test_speed_settings_do_not_change_the_run_id_nor_the_experiment():
+    from asbatch.analysis.configs import experiment_config, flatten_config
+
+    a, b = config(), config(speed={"poll_every": 7})
+    assert a.run_id == b.run_id
+    assert experiment_config(flatten_config(a.to_dict())) == experiment_config(flatten_config(b.to_dict()))
+
+
+def per_layer_twin(net: nn.Module) -> nn.Module:
+    """`net` as the code before the flat posterior built it: every Bayesian weight with its own mu and log sigma
+    Parameters (parametrizations registered by hand, no flat buffers)."""
+    twin = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    for (module, name, g), (m2, n2) in zip(bayesian_weights(net), [(twin[0], "weight"), (twin[0], "bias"),
+                                                                   (twin[2], "weight"), (twin[2], "bias")],
+                                           strict=True):
+        per_layer = GaussianWeight(module.parametrizations[name].original.detach().clone())
+        with torch.no_grad():
+            per_layer.log_sigma.copy_(g.log_sigma)
+        parametrize.register_parametrization(m2, n2, per_layer)
+        with torch.no_grad():
+            m2.parametrizations[n2].original.copy_(module.parametrizations[name].original)
+    return twin
+
+
+def adam_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    for _ in range(n):
+        with noise_mode(model, "mean"):
+            loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_per_layer_optimizer_state_of_an_older_checkpoint_is_converted_to_the_flat_layout():
+    torch.manual_seed(0)
+    net = make_bayesian(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)))
+    old = per_layer_twin(net)
+    old_opt = torch.optim.Adam(old.parameters(), lr=0.01)
+    adam_steps(old, old_opt, 3)  # the older code's run: per-layer Adam moments after 3 steps
+    net.load_state_dict(old.state_dict())  # model keys are the same in both layouts
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    saved = copy.deepcopy(old_opt.state_dict())  # as torch.load gives it: not the live state's tensors
+    assert legacy.is_legacy(net, saved)
+    opt.load_state_dict(legacy.convert_optimizer_state(net, opt, saved))
+    # the next steps from the converted state are the steps the older code would have taken
+    adam_steps(old, old_opt, 2)
+    adam_steps(net, opt, 2)
+    for (module, name, _), (m2, n2) in zip(bayesian_weights(net), [(old[0], "weight"), (old[0], "bias"),
+                                                                   (old[2], "weight"), (old[2], "bias")],
+                                           strict=True):
+        torch.testing.assert_close(module.parametrizations[name].original, m2.parametrizations[n2].original)
+    assert not legacy.is_legacy(net, opt.state_dict())
+    assert flat_posterior(net).mu.numel() == 4 * 5 + 5 + 5 * 3 + 3
+
+
+def as_legacy(state: dict, model: nn.Module) -> dict:
+    """A flat-layout optimizer state rewritten as the older code saved it: one entry per layer's mu and log sigma,
+    in its `model.parameters()` order (per layer: mu, then log sigma)."""
+    posterior = flat_posterior(model)
+    entries = []
+    for i in range(len(posterior.weights)):
+        for flat_index in (0, 1):  # flat_mu, flat_log_sigma
+            layer = {k: posterior.view(v, i).clone() if v.dim() else v.clone()
+                     for k, v in state["state"].get(flat_index, {}).items()}
+            entries.append(layer)
+    group = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+    return {"state": {i: e for i, e in enumerate(entries) if e},
+            "param_groups": [{**group, "params": list(range(len(entries)))}]}
+
+
+def test_resuming_from_an_older_checkpoint_warns_converts_and_continues(tmp_path):
+    cfg = config()
+    first = Trainer(cfg, RunDir(tmp_path / "r"))
+    first.run_epoch(None, None)
+    first.finish_epoch()  # a flat-layout checkpoint; its optimizer state rewritten as the older code had it
+    ckpt = sorted(first.run_dir.checkpoints.glob("step-*"))[-1]
+    shared = torch.load(ckpt / "shared.pt", weights_only=False)
+    flat_state = shared["optimizer"]
+    shared["optimizer"] = as_legacy(flat_state, first.inner)
+    torch.save(shared, ckpt / "shared.pt")
+    second = Trainer(cfg, RunDir(tmp_path / "r"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.resume()
+    assert any("before the flat posterior" in str(w.message) for w in caught)
+    assert second.prog.epoch == 1
+    restored = second.optimizer.state_dict()["state"]
+    assert restored.keys() == flat_state["state"].keys() == {0, 1}
+    for index, state in flat_state["state"].items():
+        assert all(torch.equal(restored[index][k], v) for k, v in state.items())
+    second.run_epoch(None, None)  # trains on from the converted state
+    assert second.prog.global_step == 20
