@@ -120,13 +120,18 @@ class TrackingConfig(Section):
 
 
 class SpeedConfig(Section):
-    """Settings that change how fast a run trains, never its numbers: not part of the run id."""
+    """Settings that change how fast a run trains: not part of the run id. Only `compile` changes numbers (its
+    kernels round differently), so analysis keeps it apart; `poll_every` changes none."""
 
     poll_every: int = Field(
         50, gt=0, le=100_000,
         description="read the device every K steps (loss finiteness; with several ranks the stop agreement): a "
                     "step itself reads nothing, so a GPU never waits for the host; a signal stops the run "
                     "within K steps with several ranks, at once with one")
+    compile: bool = Field(
+        False, description="torch.compile the training step's model (each kind of pass one graph, compiled in the "
+                           "first steps); compiled kernels round differently from eager ones, so runs with it are a "
+                           "separate experiment in tables (a run's results record it)")
 
 
 # sections that do not change a run's results, so not part of its id

@@ -31,6 +31,7 @@ ALLOWED = {
     "spec": BASE | {"spec"},
     "launch": BASE | {"launch", "spec", "train"},
     "profiles": set(),
+    "opcount": set(),  # counters of aten ops and device reads, used by tests and benchmarks
 }
 RUN_DIR_NAMES = re.compile(r"results\.json|metrics\.jsonl|manifest\.json|wandb\.json|requeues\.json|model\.pt|"
                            r"config\.yaml|\.submit\.lock|[\"'/]\.slurm\b|[\"']checkpoints[\"']")

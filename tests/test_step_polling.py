@@ -49,12 +49,45 @@ def test_a_nan_found_at_the_next_poll_names_its_step_and_never_reaches_a_checkpo
     assert trainer.prog.global_step == 6
 
 
-def test_speed_settings_do_not_change_the_run_id_nor_the_experiment():
+def test_speed_settings_keep_the_run_id_and_only_compile_makes_another_experiment():
     from asbatch.analysis.configs import experiment_config, flatten_config
 
-    a, b = config(), config(speed={"poll_every": 7})
-    assert a.run_id == b.run_id
-    assert experiment_config(flatten_config(a.to_dict())) == experiment_config(flatten_config(b.to_dict()))
+    def experiment(c: RunConfig) -> dict:
+        return experiment_config(flatten_config(c.to_dict()))
+
+    a, b, c = config(), config(speed={"poll_every": 7}), config(speed={"compile": True})
+    assert a.run_id == b.run_id == c.run_id
+    assert experiment(a) == experiment(b) != experiment(c)  # compiled kernels round differently: never pooled
+
+
+def test_a_compiled_run_compiles_each_kind_of_pass_once_and_learns_as_the_eager_one(tmp_path):
+    from torch._dynamo.utils import counters
+
+    from asbatch.train import train
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    optim, model = {"lr": 0.01}, {"name": "mlp", "init_sigma": 0.01, "width": 64}
+    eager = train(config(optim=optim, model=model), tmp_path / "eager")
+    start = graphs()
+    compiled = train(config(optim=optim, model=model, speed={"compile": True}), tmp_path / "compiled")
+    per_run = graphs() - start  # prediction, inner (BN frozen) and adversarial passes, the smaller last batch
+    assert compiled["train"]["compiled"] is True and eager["train"]["compiled"] is False
+    assert 3 <= per_run <= 8, per_run
+    # after a resume (a fresh compile): the same graphs again, and none more in a later epoch
+    longer = config(optim=optim, model=model, speed={"compile": True}, schedule={"name": "cosine", "epochs": 4})
+    trainer = Trainer(longer, RunDir(tmp_path / "compiled"))
+    trainer.resume()
+    start = graphs()
+    trainer.run_epoch(None, None)
+    trainer.finish_epoch()
+    assert graphs() - start == per_run
+    trainer.run_epoch(None, None)
+    assert graphs() - start == per_run
+    # same data, seeds and noise: the compiled run learns what the eager one does (rounding apart)
+    acc = [r["evaluation"]["ensemble_accuracy"] for r in (eager, compiled)]
+    assert abs(acc[0] - acc[1]) <= 0.05 and min(acc) >= 0.5, acc
 
 
 def per_layer_twin(net: nn.Module) -> nn.Module:

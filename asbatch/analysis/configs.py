@@ -22,7 +22,8 @@ NOT_SCIENCE: dict[str, str] = {
     "sweep": "a name; only runs of the sweep are read anyway",
     "stage": "a name; what a stage trains is in the rest of the config",
     "tracking": "W&B bookkeeping (the run id leaves it out too)",
-    "speed": "how fast a run trains (poll interval), never its numbers (the run id leaves it out too)",
+    "speed.poll_every": "how often the loop reads the device: never changes a number (the run id leaves it out "
+                        "too; speed.compile, which changes rounding, is kept)",
     "checkpoint_every": "exact resume: how often a run checkpoints does not change what it learns",
     "keep_checkpoints": "how many checkpoints are kept on disk",
     "cpu": "which device ran it (the precision, which does change the numbers, is kept)",

@@ -293,5 +293,5 @@ class _FlatGaussianWeight(GaussianWeight):
 
 
 def flat_posterior(model: nn.Module) -> FlatPosterior | None:
-    """The model's FlatPosterior (None for a deterministic model)."""
-    return model.__dict__.get(ATTRIBUTE)
+    """The model's FlatPosterior (None for a deterministic model); a torch.compile'd model's is its module's."""
+    return getattr(model, "_orig_mod", model).__dict__.get(ATTRIBUTE)

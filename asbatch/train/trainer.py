@@ -48,6 +48,7 @@ from asbatch.train.setup import (
     rng_state,
     set_rng_state,
 )
+from asbatch.train.tally import DeviceTally
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,43 +84,6 @@ class Progress:
     epoch_correct_adv: int = 0  # correct predictions of the adversarial pass (lambda > 0)
 
 
-class DeviceTally:
-    """What the steps since the last host read add up, on the device: loss sum, correct predictions of the
-    prediction and adversarial passes, skipped fp16 steps, and one finiteness flag per step."""
-
-    LOSS, CORRECT, CORRECT_ADV, SKIPPED = range(4)
-
-    def __init__(self, device: torch.device, window: int):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
-        self.finite = torch.ones(window, dtype=torch.bool, device=device)
-        self.pending = 0  # steps since the last poll (their flags are finite[:pending])
-
-    def add_step(self, loss: torch.Tensor, correct: torch.Tensor, correct_adv: torch.Tensor | None,
-                 force_bad: bool = False) -> None:
-        self.sums[self.LOSS].add_(loss)
-        self.sums[self.CORRECT].add_(correct)
-        if correct_adv is not None:
-            self.sums[self.CORRECT_ADV].add_(correct_adv)
-        flag = self.finite[self.pending]
-        if force_bad:  # fault injection (ASBATCH_FAULT=nan:...): this rank's loss counts as non-finite
-            flag.fill_(False)
-        else:
-            flag.copy_(torch.isfinite(loss))
-        self.pending += 1
-
-    def first_bad(self, first_step: int) -> torch.Tensor:
-        """On the device: the global step of the first non-finite loss since the last poll, 0 if none
-        (`first_step` is the global step, from 1, of the first pending step)."""
-        bad = ~self.finite[:self.pending]
-        return torch.where(bad.any(), bad.int().argmax() + first_step, 0)
-
-    def take(self) -> list[float]:
-        """Read and reset the sums (one host read)."""
-        values = self.sums.tolist()
-        self.sums.zero_()
-        return values
-
-
 @torch.no_grad()
 def test_accuracy(model: nn.Module, loader: DeviceLoader) -> float:
     correct = total = 0
@@ -143,6 +107,15 @@ def epoch_test_metrics(model: nn.Module, loader: DeviceLoader, bayesian: bool, e
         sample_noise(model, torch.Generator(device=device).manual_seed(derived_seed(0, EPOCH_SAMPLE_STREAM + epoch)))
         sample_acc = test_accuracy(model, loader)
     return {"test_acc_mean": mean_acc, "test_acc_sample": sample_acc}
+
+
+def compiled(model: nn.Module, inner: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """`torch.compile` of the training model (DDP-wrapped or not) and of the unwrapped one the AS inner passes
+    use (one compiled module when they are the same). Dynamo traces the flat posterior's hooks too, so each kind
+    of pass (prediction, inner, adversarial) becomes one graph, compiled in the first steps and reused after."""
+    torch._dynamo.reset()  # graphs of an earlier run in this process (`asbatch run` trains several) fill the cache
+    outer = torch.compile(model)
+    return outer, outer if inner is model else torch.compile(inner)
 
 
 def ranks_in_sync(accelerator, model: nn.Module) -> bool:
@@ -180,6 +153,9 @@ class Trainer:
             self.optimizer, lambda step: lr_factor(config, step / self.steps_per_epoch))
         self.model = acc.prepare(model)
         self.inner = acc.unwrap_model(self.model)  # for the AS inner passes, evaluation and checkpoints
+        # what the training step calls: the same modules, compiled with `speed.compile` (evaluation stays eager)
+        self.step_model, self.step_inner = compiled(self.model, self.inner) if config.speed.compile else (
+            self.model, self.inner)
         adv = config.adversarial
         self.kl_weight = adv.kl_weight if adv.kl_weight is not None else 1.0 / (100 * self.train_loader.num_examples)
         self.eps_gen = torch.Generator(device=self.device).manual_seed(derived_seed(config.seed, self.rank))
@@ -311,17 +287,17 @@ class Trainer:
         if self.config.model.bayesian:
             fp32_inner = adv.inner_precision == "fp32" and autocast_dtype(self.config, self.device) is not None
             kwargs = {"lam": adv.lam, "steps": adv.steps, "alpha": adv.alpha, "kl_weight": self.kl_weight,
-                      "inner_model": self.inner, "backward": self._backward,
+                      "inner_model": self.step_inner, "backward": self._backward,
                       "loss_scale": scale if scale is not None else 1.0,
                       "no_sync": lambda: acc.no_sync(self.model), "generator": self.eps_gen,
                       "inner_context": full_precision if fp32_inner else None}
             if self.memory is not None:
-                out = reference_as_step(self.model, x, y, memory=self.memory, **kwargs)
+                out = reference_as_step(self.step_model, x, y, memory=self.memory, **kwargs)
             else:
-                out = as_step(self.model, x, y, **kwargs)
+                out = as_step(self.step_model, x, y, **kwargs)
             loss, logits, adv_logits = out.total, out.pred_logits, out.adv_logits
         else:
-            logits = self.model(x)
+            logits = self.step_model(x)
             loss = F.cross_entropy(logits, y)
             self._backward(loss)
         if self.config.optim.grad_clip:
@@ -454,6 +430,7 @@ class Trainer:
             "train": {"epochs": prog.epoch, "global_steps": prog.global_step, "best_test_acc": prog.best_test_acc,
                       "kl_weight": self.kl_weight, "world_size": self.world, "ranks_in_sync": in_sync,
                       "precision": self.precision_ran, "device": self.device.type,
+                      "compiled": self.config.speed.compile,
                       "skipped_steps": prog.skipped_steps},
             # timing differs between an interrupted and an uninterrupted run; everything else must not
             "timing": {"train_time_s": prog.train_time_s, "wall_time_s_this_segment": time.time() - wall_start},
