@@ -23,7 +23,9 @@ from rich.table import Table
 from benchmarks import (
     ascent_sign,
     checkpoint_cost,
+    compiled,
     evaluation,
+    launches,
     loader,
     memory,
     reference_step,
@@ -54,7 +56,7 @@ def _error_row(name: str, err: BaseException) -> Row:
 
 
 def run_all(quick: bool, only: set[str] | None, console: Console) -> list[Row]:
-    """Run the benchmarks in order; row 6 reuses row 1's AS step time when row 1 ran."""
+    """Run the benchmarks in order; rows 4 and 6 reuse row 1's AS step time when row 1 ran."""
     rows: list[Row] = []
     shared: dict[str, float] = {}
 
@@ -67,12 +69,14 @@ def run_all(quick: bool, only: set[str] | None, console: Console) -> list[Row]:
         ("1", "AS step time", step_rows),
         ("2", "reference AS step", lambda: [reference_step.run(quick)]),
         ("3", "S-sample evaluation", lambda: [evaluation.run(quick)]),
-        ("4", "data loader", lambda: [loader.run(quick)]),
+        ("4", "data loader", lambda: [loader.run(quick, shared.get("as_step_s"))]),
         ("5", "submission and analysis", lambda: submission.run(quick)),
         ("6", "checkpoint cost", lambda: [checkpoint_cost.run(quick, shared.get("as_step_s"))]),
         ("7", "peak memory", lambda: [memory.run(quick)]),
         ("8", "reference ascent sign", lambda: [ascent_sign.run_memory(quick)]),
         ("9", "bf16 inner passes", lambda: ascent_sign.run_bf16(quick)),
+        ("10", "launches, host reads and host time per step (rows 10-12)", lambda: launches.run(quick)),
+        ("13", "compiled AS step", lambda: [compiled.run(quick)]),
     ]
     for key, title, fn in plan:
         if only and key not in only:
@@ -121,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and samples (< 2 min)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
-    parser.add_argument("--only", nargs="+", metavar="N", choices=[str(n) for n in range(1, 10)],
-                        help="run only these rows (1-9)")
+    parser.add_argument("--only", nargs="+", metavar="N", choices=[str(n) for n in (*range(1, 11), 13)],
+                        help="run only these rows (1-10, 13; 10 runs rows 10-12)")
     parser.add_argument("--gpu", action="store_true",
                         help="instead: the GPU smoke test and GPU rows (G1-G4; < 10 min on one H100)")
     parser.add_argument("--threads", type=int, default=1,

@@ -6,7 +6,9 @@ Meant for the first machine with a GPU (< 10 min on one H100). Smoke rows (pass 
   G2  `train()` on the GPU, stopped mid-run and resumed, with `deterministic: true`: bitwise equal to an
       uninterrupted run (and the final S-sample evaluation ran on the GPU);
 Timing rows (info): G3 the AS step / plain step ratio per precision; G4 the S-sample evaluation's
-throughput. Without a visible GPU every row is SKIP with the reason.
+throughput; G5 AS training images/s (bf16, batch 128, fused Adam, no host read in the timed steps) of
+ResNet20, ResNet56 and VGG16, eager and `torch.compile`d. Without a visible GPU every row is SKIP with the
+reason.
 """
 
 from __future__ import annotations
@@ -96,6 +98,44 @@ def _plain_step_time(steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def images_per_s(name: str, compile_model: bool, steps: int, device: torch.device,
+                 width: int | None = None) -> tuple[float, float]:
+    """(AS training images/s, seconds of the untimed warm-up, which compiles) of a Bayesian `name` under bf16
+    autocast, as the trainer runs it: fused Adam, eps from a device generator, nothing read from the device
+    between the first and the last timed step."""
+    from asbatch.adversarial import as_step
+    from asbatch.models import build_model
+    from asbatch.train.setup import autocast_forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(name, 10, bayesian=True, width=width).to(device).train()
+    model = autocast_forward(model, device, torch.bfloat16)
+    step_model = torch.compile(model) if compile_model else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    x, y = cifar_batch(128)
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        as_step(step_model, x, y, lam=LAM, steps=STEPS, alpha=ALPHA, kl_weight=KL_WEIGHT, inner_model=step_model,
+                generator=gen)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync()
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return steps * 128 / (time.perf_counter() - start), warmup
+
+
 def _resume_is_exact(tmp: Path) -> tuple[bool, str]:
     """`train()` on the GPU, deterministic: stopped after 7 steps and resumed vs uninterrupted."""
     from asbatch.config import RunConfig
@@ -139,7 +179,8 @@ def _evaluation_rate() -> tuple[float, str]:
 def run(quick: bool = False) -> list[Row]:
     if not torch.cuda.is_available():
         return [skipped(f"G{i}. {name}", "-", "no CUDA device visible") for i, name in
-                enumerate(("AS steps under DDP", "resume on the GPU", "AS / plain step", "S-sample evaluation"), 1)]
+                enumerate(("AS steps under DDP", "resume on the GPU", "AS / plain step", "S-sample evaluation",
+                           "AS training images/s, eager and compiled"), 1)]
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     _one_rank_group()
     steps = 5 if quick else 20
@@ -159,4 +200,11 @@ def run(quick: bool = False) -> list[Row]:
                         f"plain fp32 step {plain * 1e3:.0f} ms"))
     rate, note = _evaluation_rate()
     rows.append(Row("G4. S-sample evaluation", rate, "images/s", "-", None, note))
+    device = torch.device("cuda", 0)
+    for name in ("resnet20", "resnet56", "vgg16"):
+        eager, _ = images_per_s(name, False, steps, device)
+        compiled, compile_s = images_per_s(name, True, steps, device)
+        rows.append(Row(f"G5. AS training images/s, {name}, bf16: compiled / eager", compiled / eager, "x", "-", None,
+                        f"eager {eager:,.0f} img/s, compiled {compiled:,.0f} img/s (compiling: {compile_s:.0f} s); "
+                        f"batch 128, N = {STEPS}"))
     return rows

@@ -1,0 +1,104 @@
+"""Rows 10-12: what one optimizer step asks of the host: aten ops (a GPU's kernel launches), host reads of
+device values (a GPU's syncs), and host CPU time at a tiny batch (the launch-bound floor).
+
+Counted over the real training loop: a `Trainer` (asbatch.train.trainer) runs whole epochs of a Bayesian
+ResNet20 (width 16, as on CIFAR; the op count does not depend on width or image size) on the bundled digits,
+CPU, one thread. A `TorchDispatchMode` counts every aten op that is not a pure view (each is a kernel launch
+on a GPU; the backward's ops included), a `TorchFunctionMode` counts item / tolist / bool / int / float / cpu /
+numpy on tensors (each is a device-to-host read that waits for the GPU). Per step = over an epoch of
+`STEPS` steps, divided by `STEPS`: the loop's per-epoch reads (the epoch's loss sum) are spread over them,
+and host reads are also given per epoch. The final evaluation and the epoch-end metrics are not counted.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from asbatch.opcount import HostReadCounter, OpCounter
+from benchmarks.common import Row
+
+STEPS = 8  # optimizer steps per counted epoch
+BATCH = 64
+
+# aten ops per optimizer step (optimizer included) before the flat posterior, measured by this file on the
+# code of commit 15e4833 (the issue counted 6,484 / 2,744 / 668 with its own counter)
+GOALS = {"as": 1100, "plain": 300, "deterministic": 200}
+
+
+def _config(kind: str, precision: str, batch: int = BATCH, variant: str = "paper"):
+    from asbatch.config import RunConfig
+
+    lam = {"as": 0.8, "plain": 0.0, "deterministic": 0.0}[kind]
+    return RunConfig.model_validate({
+        "sweep": "bench", "cpu": True, "precision": precision, "checkpoint_every": 10**9,
+        "data": {"name": "digits", "batch_size": batch, "train_subset": batch * STEPS, "test_subset": 64},
+        "model": {"name": "resnet20", "width": 16, "bayesian": kind != "deterministic"},
+        "schedule": {"name": "cosine", "epochs": 3},
+        "adversarial": {"lam": lam, "steps": 5, "alpha": 0.02, "variant": variant}})
+
+
+def _trainer(config, root: Path):
+    from asbatch.rundir import RunDir
+    from asbatch.train.trainer import Trainer
+
+    trainer = Trainer(config, RunDir(root / config.run_id))
+    trainer.run_epoch(None, None)  # warm-up: optimizer state, allocator
+    trainer.prog.epoch += 1
+    trainer.prog.step_in_epoch = 0
+    return trainer
+
+
+def count_step(kind: str, precision: str = "no", variant: str = "paper") -> tuple[float, float, OpCounter]:
+    """(aten ops per step, host reads per epoch of STEPS steps, the op counter) of one counted epoch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(_config(kind, precision, variant=variant), Path(tmp))
+        ops, reads = OpCounter(), HostReadCounter()
+        with reads, ops:
+            trainer.run_epoch(None, None)
+        return ops.total / STEPS, reads.total, ops
+
+
+def host_time_per_step(kind: str, rounds: int) -> float:
+    """Median process CPU time of one epoch / STEPS at batch 2 (the host's work per step, not the math's)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(_config(kind, "no", batch=2), Path(tmp))
+        times = []
+        for _ in range(rounds):
+            trainer.prog.epoch += 1
+            trainer.prog.step_in_epoch = 0
+            start = time.process_time()
+            trainer.run_epoch(None, None)
+            times.append((time.process_time() - start) / STEPS)
+        return sorted(times)[len(times) // 2]
+
+
+def top_ops(counter: OpCounter, n: int = 6) -> str:
+    return ", ".join(f"{name} {count / STEPS:.0f}" for name, count in counter.ops.most_common(n))
+
+
+def run(quick: bool = False) -> list[Row]:
+    rows = []
+    for precision in ("no", "bf16"):
+        label = "fp32" if precision == "no" else precision
+        for kind in ("as", "plain", "deterministic"):
+            per_step, reads, counter = count_step(kind, precision)
+            goal = GOALS[kind]
+            rows.append(Row(f"10. aten ops per {kind} step, {label}", per_step, "ops", f"<= {goal}",
+                            per_step <= goal, f"optimizer included; most frequent: {top_ops(counter)}",
+                            extra={"reads": reads}))
+    per_step, _, counter = count_step("as", variant="reference")
+    rows.append(Row("10. aten ops per AS step, reference variant, fp32", per_step, "ops", "- (info)", None,
+                    f"optimizer included; most frequent: {top_ops(counter)}"))
+    for kind, precision in (("as", "no"), ("as", "fp16")):
+        _, reads, _ = count_step(kind, precision)
+        label = "fp32" if precision == "no" else precision
+        rows.append(Row(f"11. host reads per {STEPS}-step epoch, AS, {label}", reads, "reads",
+                        "<= 1 (the epoch-end loss sum)", reads <= 1,
+                        "item / tolist / bool / int / float / cpu / numpy on tensors inside Trainer.run_epoch"))
+    host = host_time_per_step("as", 3 if quick else 7)
+    rows.append(Row("12. host CPU time per AS step, batch 2", host * 1e3, "ms", "- (info)", None,
+                    "process CPU time of a whole epoch / steps (one thread); at batch 2 the math is negligible, "
+                    "so this is the host's work per step: what a GPU would wait for"))
+    return rows
