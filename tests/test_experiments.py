@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 
 import pandas as pd
@@ -165,21 +166,25 @@ def test_experiment_config_leaves_out_exactly_the_listed_keys():
 def resubmitted(tmp_path_factory):
     """A sweep trained with 1 epoch (seeds 0, 1), then edited to 2 epochs and submitted again (seeds 0, 1),
     with a run dir of another sweep copied into it."""
+    from unittest import mock
+
     import torch
 
     from asbatch.train import train
 
     root = tmp_path_factory.mktemp("runs")
     sweep_dir = root / "edit"
-    configs = [tiny_digits_config("edit", seed=s, schedule={"name": "cosine", "epochs": e}, adversarial={"lam": 0.0})
-               for e in (1, 2) for s in (0, 1)]
-    other = tiny_digits_config("other", seed=7, adversarial={"lam": 0.0})
+    offline = {"wandb": "offline", "project": "asbatch-tests"}  # what W&B writes is the W&B stand-in's data
+    configs = [tiny_digits_config("edit", seed=s, schedule={"name": "cosine", "epochs": e}, adversarial={"lam": 0.0},
+                                  tracking=offline) for e in (1, 2) for s in (0, 1)]
+    other = tiny_digits_config("other", seed=7, adversarial={"lam": 0.0}, tracking=offline)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny nets: one thread is faster, and much faster on a busy machine
     try:
-        for cfg in configs:
-            train(cfg, sweep_dir / cfg.run_id)
-        train(other, root / "other" / other.run_id)
+        with mock.patch.dict(os.environ, {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}):
+            for cfg in configs:
+                train(cfg, sweep_dir / cfg.run_id)
+            train(other, root / "other" / other.run_id)
     finally:
         torch.set_num_threads(threads)
     shutil.copytree(root / "other" / other.run_id, sweep_dir / other.run_id)
@@ -220,12 +225,12 @@ def test_runs_frame_has_a_row_per_run_with_config_metrics_and_train_summary(resu
 
 
 def test_runs_frame_from_the_wandb_stand_in_equals_the_one_from_run_dirs(resubmitted):
-    from test_results import FakeApi, fake_run_from_dir
+    from test_results import FakeApi, wandb_run_from_offline_files
 
     sweep_dir, _, _ = resubmitted
     local = records_from_run_dirs(sweep_dir)
-    runs = [fake_run_from_dir(sweep_dir / r.run_id) for r in local]
-    moved = fake_run_from_dir(sweep_dir / next(iter(local.foreign)))  # a run of sweep "other" ...
+    runs = [wandb_run_from_offline_files(sweep_dir / r.run_id) for r in local]
+    moved = wandb_run_from_offline_files(sweep_dir / next(iter(local.foreign)))  # a run of sweep "other" ...
     moved.group = "edit"  # ... moved into this group in the W&B UI
     api = FakeApi([*runs, moved])
     remote = runs_frame(sweep_dir, source="wandb", wandb_path="me/asbatch", api=api)

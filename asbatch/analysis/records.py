@@ -12,6 +12,7 @@ the last value logged of every key).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ def records_from_wandb(api: Any, path: str, sweep: str, history: bool = False) -
     for run in api.runs(path, filters={"group": sweep}):
         summary = _summary_dict(run.summary)
         evaluation = unflatten_evaluation(summary)
-        config = dict(run.config)
+        config = json.loads(json.dumps(dict(run.config), sort_keys=True))  # keys in results.json's order
         if config.get("sweep", sweep) != sweep:
             foreign[run.id] = config["sweep"]
             continue
@@ -195,11 +196,21 @@ def records_from_wandb(api: Any, path: str, sweep: str, history: bool = False) -
                    "config": config, "evaluation": evaluation}
         rows = None
         if history:
-            rows = [{k: v for k, v in row.items() if not k.startswith("_")}
-                    for row in run.scan_history() if "epoch" in row]
-        train = {k: v for k, v in summary.items() if not k.startswith(("_", EVAL_PREFIX))}
+            rows = [_as_written(row) for row in run.scan_history() if "epoch" in row]
+        train = _as_written({k: v for k, v in summary.items() if not k.startswith(EVAL_PREFIX)})
         records.append(record_from_results(results, rows, train=train))
     return RecordList(sorted(records, key=lambda r: r.run_id), unfinished, foreign)
+
+
+_COUNTERS = ("epoch", "global_step")  # the per-epoch keys that are integers; every other one is a float
+
+
+def _as_written(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A per-epoch row as W&B serves it, made equal to the run dir's line: W&B's internal `_` keys dropped,
+    keys sorted (metrics.jsonl is written sorted), and floats that W&B's JSON turned into ints (an lr of
+    0.0 comes back as 0) floats again, so a frame from W&B has the run dirs' columns and dtypes."""
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and k not in _COUNTERS else v
+            for k, v in sorted(row.items()) if not k.startswith("_")}
 
 
 def default_wandb_path(sweep_dir: str | Path) -> str:

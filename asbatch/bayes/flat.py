@@ -16,8 +16,9 @@ the per-layer keys only, so checkpoints and fine-tune files have the layout they
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -115,14 +116,17 @@ class FlatPosterior:
     def hold(self, eps: torch.Tensor) -> None:
         """Hold a flat eps (it may require grad) and put every weight in mode "fixed"."""
         self._eps_flat, self._eps_list = eps, None
-        for _, _, g in self.weights:
-            g.mode = "fixed"
+        self._fix_modes()
 
     def hold_list(self, eps: Sequence[torch.Tensor]) -> None:
         """Hold per-layer eps tensors (flattened at the next forward) and set mode "fixed"."""
         self._eps_flat, self._eps_list = None, list(eps)
+        self._fix_modes()
+
+    def _fix_modes(self) -> None:
         for _, _, g in self.weights:
-            g.mode = "fixed"
+            if g.mode != "fixed":  # reading is cheap, Module.__setattr__ is not (six holds per AS step)
+                g.mode = "fixed"
 
     def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A flat eps ~ N(0, 1) in float32: one randn on the generator's device (or mu's), then moved."""
@@ -167,10 +171,17 @@ class FlatPosterior:
         mu, sigma = self._frozen if self._frozen is not None else (self.mu, self.log_sigma.exp())
         return torch.addcmul(mu, sigma, eps) if mu.dtype == sigma.dtype == eps.dtype else mu + sigma * eps
 
-    def frozen(self) -> _Frozen:
-        """Context: forwards use detached mu and sigma (one exp for all passes): for the AS inner passes,
-        which differentiate w.r.t. eps only."""
-        return _Frozen(self)
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Forwards inside use detached mu and sigma (one exp for all of them): for the AS inner passes, which
+        differentiate w.r.t. eps only."""
+        before = self._frozen
+        with torch.no_grad():
+            self._frozen = (self.mu.detach(), self.log_sigma.exp())
+        try:
+            yield
+        finally:
+            self._frozen = before
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, sigma_0^2)) summed over all weights, in at least fp32 (see GaussianWeight.kl)."""
@@ -195,20 +206,6 @@ class FlatPosterior:
     def end_pass(self) -> None:
         for _, _, g in self.weights:
             g.__dict__["current"] = None
-
-
-class _Frozen:
-    def __init__(self, posterior: FlatPosterior):
-        self.posterior = posterior
-
-    def __enter__(self) -> None:
-        p = self.posterior
-        self.before = p._frozen
-        with torch.no_grad():
-            p._frozen = (p.mu.detach(), p.log_sigma.exp())
-
-    def __exit__(self, *exc: object) -> None:
-        self.posterior._frozen = self.before
 
 
 def _begin_pass(model: nn.Module, args: Any) -> None:
