@@ -1,5 +1,5 @@
 """Rows 10-12: what one optimizer step asks of the host: aten ops (a GPU's kernel launches), host reads of
-device values (a GPU's syncs), and host CPU time at a tiny batch (the launch-bound floor).
+device values (a GPU's syncs), and host CPU time at a tiny batch and width (the launch-bound floor).
 
 Counted over the real training loop: a `Trainer` (asbatch.train.trainer) runs whole epochs of a Bayesian
 ResNet20 (width 16, as on CIFAR; the op count does not depend on width or image size) on the bundled digits,
@@ -27,14 +27,14 @@ BATCH = 64
 GOALS = {"as": 1100, "plain": 300, "deterministic": 200}
 
 
-def _config(kind: str, precision: str, batch: int = BATCH, variant: str = "paper"):
+def _config(kind: str, precision: str, batch: int = BATCH, variant: str = "paper", width: int = 16):
     from asbatch.config import RunConfig
 
     lam = {"as": 0.8, "plain": 0.0, "deterministic": 0.0}[kind]
     return RunConfig.model_validate({
         "sweep": "bench", "cpu": True, "precision": precision, "checkpoint_every": 10**9,
         "data": {"name": "digits", "batch_size": batch, "train_subset": batch * STEPS, "test_subset": 64},
-        "model": {"name": "resnet20", "width": 16, "bayesian": kind != "deterministic"},
+        "model": {"name": "resnet20", "width": width, "bayesian": kind != "deterministic"},
         "schedule": {"name": "cosine", "epochs": 3},
         "adversarial": {"lam": lam, "steps": 5, "alpha": 0.02, "variant": variant}})
 
@@ -60,10 +60,10 @@ def count_step(kind: str, precision: str = "no", variant: str = "paper") -> tupl
         return ops.total / STEPS, reads.total, ops
 
 
-def host_time_per_step(kind: str, rounds: int) -> float:
+def host_time_per_step(kind: str, rounds: int, width: int = 16) -> float:
     """Median process CPU time of one epoch / STEPS at batch 2 (the host's work per step, not the math's)."""
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = _trainer(_config(kind, "no", batch=2), Path(tmp))
+        trainer = _trainer(_config(kind, "no", batch=2, width=width), Path(tmp))
         times = []
         for _ in range(rounds):
             trainer.prog.epoch += 1
@@ -95,10 +95,18 @@ def run(quick: bool = False) -> list[Row]:
         _, reads, _ = count_step(kind, precision)
         label = "fp32" if precision == "no" else precision
         rows.append(Row(f"11. host reads per {STEPS}-step epoch, AS, {label}", reads, "reads",
-                        "<= 1 (the epoch-end loss sum)", reads <= 1,
-                        "item / tolist / bool / int / float / cpu / numpy on tensors inside Trainer.run_epoch"))
-    host = host_time_per_step("as", 3 if quick else 7)
-    rows.append(Row("12. host CPU time per AS step, batch 2", host * 1e3, "ms", "- (info)", None,
-                    "process CPU time of a whole epoch / steps (one thread); at batch 2 the math is negligible, "
-                    "so this is the host's work per step: what a GPU would wait for"))
+                        "<= 2 (the epoch-end poll and tally; 0 in the steps)", reads <= 2,
+                        "item / tolist / bool / int / float / cpu / numpy on tensors inside Trainer.run_epoch "
+                        "(speed.poll_every 50 > steps: no poll inside the epoch)"))
+    rounds = 3 if quick else 7
+    times = {(kind, width): host_time_per_step(kind, rounds, width) for kind in ("as", "deterministic")
+             for width in (2, 16)}
+    for width in (2, 16):
+        ratio = times["as", width] / times["deterministic", width]
+        rows.append(Row(f"12. host CPU time per AS step, batch 2, width {width}", times["as", width] * 1e3, "ms",
+                        "- (info)", None,
+                        f"process CPU time of an epoch / steps (one thread); a deterministic step: "
+                        f"{times['deterministic', width] * 1e3:.1f} ms, so the AS step costs {ratio:.1f}x (N + 1 = 6 "
+                        f"passes); at batch 2 (and width 2) the math is small, so this is mostly the host's work "
+                        f"per step: what a GPU would wait for"))
     return rows

@@ -107,10 +107,10 @@ def test_a_forward_builds_every_weight_from_one_flat_sample_and_matches_the_per_
     torch.testing.assert_close(out, reference(x))
 
 
-def make_bayesian_by_hand(net: nn.Module) -> nn.Module:
-    """A copy of `net` (a `conv_net(2)`) whose Bayesian weights are registered layer by layer with their own
-    Parameters, as before the flat posterior."""
-    plain = plain_conv_net(2)
+def make_bayesian_by_hand(net: nn.Module, blocks: int = 2) -> nn.Module:
+    """A copy of `net` (a `conv_net(blocks)`) whose Bayesian weights are registered layer by layer with their
+    own Parameters, as before the flat posterior."""
+    plain = plain_conv_net(blocks)
     for (module, name, g), (m2, n2) in zip(bayesian_weights(net), _weights(plain), strict=True):
         per_layer = GaussianWeight(module.parametrizations[name].original.detach().clone(), prior_sigma=g.prior_sigma)
         with torch.no_grad():
@@ -173,3 +173,22 @@ def test_an_as_step_reads_nothing_from_the_device():
         out = as_step(net, x, y, lam=0.8, steps=5, alpha=0.02, kl_weight=1e-3, loss_scale=torch.tensor(1024.0))
     assert reads.total == 0, reads.reads
     assert out.total.requires_grad is False and out.adv_logits is not None
+
+
+def test_eps_given_per_layer_and_changed_in_place_between_forwards_is_what_the_layers_see():
+    """As the reference code's eps buffers: set once, then moved in place (under no_grad) between passes."""
+    net = conv_net(1).eval()
+    x, _ = batch()
+    eps = [torch.zeros_like(e) for e in sample_noise(net)]
+    set_noise(net, eps)
+    with noise_mode(net, "mean"):
+        at_mean = net(x)
+    torch.testing.assert_close(net(x), at_mean)  # eps = 0 is the mean
+    with torch.no_grad():
+        for e in eps:
+            e.fill_(1.0)
+    moved = net(x)
+    reference = make_bayesian_by_hand(net, blocks=1)
+    set_noise(reference, [torch.ones_like(e) for e in eps])
+    torch.testing.assert_close(moved, reference(x))
+

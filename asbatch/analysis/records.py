@@ -184,7 +184,7 @@ def records_from_wandb(api: Any, path: str, sweep: str, history: bool = False) -
     for run in api.runs(path, filters={"group": sweep}):
         summary = _summary_dict(run.summary)
         evaluation = unflatten_evaluation(summary)
-        config = json.loads(json.dumps(dict(run.config), sort_keys=True))  # keys in results.json's order
+        config = json.loads(json.dumps(dict(run.config), sort_keys=True))  # keys in the run dir's order
         if config.get("sweep", sweep) != sweep:
             foreign[run.id] = config["sweep"]
             continue
@@ -207,7 +207,7 @@ _COUNTERS = ("epoch", "global_step")  # the per-epoch keys that are integers; ev
 
 def _as_written(row: Mapping[str, Any]) -> dict[str, Any]:
     """A per-epoch row as W&B serves it, made equal to the run dir's line: W&B's internal `_` keys dropped,
-    keys sorted (metrics.jsonl is written sorted), and floats that W&B's JSON turned into ints (an lr of
+    keys sorted (the run dir's metrics are written sorted), and floats that W&B's JSON turned into ints (an lr of
     0.0 comes back as 0) floats again, so a frame from W&B has the run dirs' columns and dtypes."""
     return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and k not in _COUNTERS else v
             for k, v in sorted(row.items()) if not k.startswith("_")}

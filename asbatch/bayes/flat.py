@@ -119,7 +119,7 @@ class FlatPosterior:
         self._fix_modes()
 
     def hold_list(self, eps: Sequence[torch.Tensor]) -> None:
-        """Hold per-layer eps tensors (flattened at the next forward) and set mode "fixed"."""
+        """Hold per-layer eps tensors (flattened at every forward) and set mode "fixed"."""
         self._eps_flat, self._eps_list = None, list(eps)
         self._fix_modes()
 
@@ -136,10 +136,14 @@ class FlatPosterior:
 
     @property
     def eps(self) -> torch.Tensor | None:
-        """The held eps as one flat tensor (None if some weight holds none)."""
-        if self._eps_flat is None and self._eps_list is not None and all(e is not None for e in self._eps_list):
-            self._eps_flat = self.flatten(self._eps_list)
-        return self._eps_flat
+        """The held eps as one flat tensor (None if some weight holds none). Per-layer eps given by `set_noise`
+        are concatenated at every forward, not once: a caller may change them in place between forwards (as
+        the reference code's eps buffers are), and the layers must see the change, as they always did."""
+        if self._eps_flat is not None:
+            return self._eps_flat
+        if self._eps_list is not None and all(e is not None for e in self._eps_list):
+            return self.flatten(self._eps_list)
+        return None
 
     def eps_list(self) -> list[torch.Tensor | None]:
         """The held eps per layer (views of the flat eps, made once per hold, so repeated calls agree)."""
@@ -150,7 +154,7 @@ class FlatPosterior:
     def set_layer_eps(self, index: int, eps: torch.Tensor | None) -> None:
         layers = self.eps_list()
         layers[index] = eps
-        self._eps_flat = None  # rebuilt from the per-layer tensors when next needed
+        self._eps_flat = None  # from now on the per-layer tensors are what the layers see
 
     # ------------------------------------------------------------------ weights for one forward
 

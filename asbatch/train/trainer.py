@@ -86,14 +86,16 @@ class Progress:
 
 @torch.no_grad()
 def test_accuracy(model: nn.Module, loader: DeviceLoader) -> float:
-    correct = total = 0
+    """Accuracy over the loader, counted on the device: one host read at the end, not one per batch."""
+    correct, total = None, 0
     was_training = model.training
     model.eval()
     for x, y in loader:
-        correct += int((model(x).argmax(1) == y).sum())
+        hits = (model(x).argmax(1) == y).sum()
+        correct = hits if correct is None else correct + hits
         total += len(y)
     model.train(was_training)
-    return correct / total
+    return int(correct) / total
 
 
 def epoch_test_metrics(model: nn.Module, loader: DeviceLoader, bayesian: bool, epoch: int) -> dict[str, float]:
