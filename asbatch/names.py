@@ -53,16 +53,16 @@ def sort_key(kind: str, value: object) -> tuple:
 # ---------------------------------------------------------------------------------------------------- names
 
 # Sweep and stage names become directory names, Slurm job names and W&B groups; run ids are `<stage>-<hash>`.
-NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
-NAME_RULE = "1-100 letters, digits, '-', '_' or '.', not starting with '.'"
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # not starting with '-': `asbatch status -x` is an option
+NAME_RULE = "1-100 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}-[0-9a-f]{10}")
 
 
 def check_name(value: str) -> str:
     """`value` if it is a valid sweep / stage name, else ValueError saying the rule. A name may not start with
     '-' either: `asbatch status -x` would read it as an option (run ids, `<stage>-<hash>`, follow)."""
-    if not isinstance(value, str) or not NAME.fullmatch(value) or value.startswith("-"):
-        raise ValueError(f"must be {NAME_RULE} or '-'")  # the rule ends "not starting with '.'"
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ValueError(f"must be {NAME_RULE}")
     return value
 
 
