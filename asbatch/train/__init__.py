@@ -8,6 +8,7 @@
 
 from asbatch.train.run import train
 from asbatch.train.setup import lr_factor
+from asbatch.train.checkpoint import NoValidCheckpointError
 from asbatch.train.trainer import NonFiniteLossError, Progress, TrainingInterrupted
 
-__all__ = ["NonFiniteLossError", "Progress", "TrainingInterrupted", "lr_factor", "train"]
+__all__ = ["NoValidCheckpointError", "NonFiniteLossError", "Progress", "TrainingInterrupted", "lr_factor", "train"]
