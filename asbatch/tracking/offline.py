@@ -3,7 +3,8 @@
 A `.wandb` file is a leveldb-log framing of protobuf `Record`s: a 7-byte file header (":W&B", a 2-byte magic,
 a version byte), then 32 KiB blocks of records, each with a 7-byte header (CRC-32, little-endian length,
 type: 1 full, 2 first, 3 middle, 4 last fragment); a block tail shorter than a header is padding. A segment
-killed before W&B's service wrote anything is just the 7-byte header.
+killed before W&B's service wrote anything is just the 7-byte header (or less): it holds no record, and `wandb
+sync` fails on it (`ERROR Failed to read ...: EOF`), so `asbatch sync` skips it (`is_empty_segment`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class Segment:
 def records(path: Path) -> list[bytes]:
     """The serialized protobuf records of a `.wandb` file, in order; a torn last record is dropped."""
     data = path.read_bytes()
-    if len(data) < FILE_HEADER_SIZE or not data.startswith(HEADER):
+    if len(data) < FILE_HEADER_SIZE and HEADER.startswith(data[:len(HEADER)]):
+        return []  # killed while the file header was written: nothing in it
+    if not data.startswith(HEADER):
         raise ValueError(f"{path}: not a W&B run file")
     out, pending, pos = [], b"", FILE_HEADER_SIZE
     while pos + RECORD_HEADER.size <= len(data):
@@ -59,6 +62,18 @@ def records(path: Path) -> list[bytes]:
             out.append(pending + chunk)
             pending = b""
     return out
+
+
+def is_empty_segment(segment_dir: Path) -> bool:
+    """Whether an offline segment dir's `.wandb` files hold no record: its process was killed before W&B's
+    service wrote anything (the file is just the 7-byte header, or shorter, or ends inside its first record).
+    A dir without a `.wandb` file, or with a file that is not a W&B run file, is not called empty: `wandb sync`
+    says what is wrong with it."""
+    files = sorted(segment_dir.glob("*.wandb"))
+    try:
+        return bool(files) and not any(records(path) for path in files)
+    except ValueError:
+        return False
 
 
 def read_finished_segment(segment_dir: Path, timeout: float = 15.0) -> Segment:
