@@ -6,9 +6,9 @@
 - `checkpoint`: atomic multi-rank checkpoints.
 """
 
+from asbatch.train.checkpoint import NoValidCheckpointError
 from asbatch.train.run import train
 from asbatch.train.setup import lr_factor
-from asbatch.train.checkpoint import NoValidCheckpointError
 from asbatch.train.trainer import NonFiniteLossError, Progress, TrainingInterrupted
 
 __all__ = ["NoValidCheckpointError", "NonFiniteLossError", "Progress", "TrainingInterrupted", "lr_factor", "train"]

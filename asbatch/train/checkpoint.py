@@ -30,6 +30,10 @@ PREFIX = "step-"
 COMPLETE = "COMPLETE"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk or quota); the previous one is kept."""
+
+
 class NoValidCheckpointError(RuntimeError):
     """The run has checkpoints, and every one is damaged: it does not start over on its own."""
 
@@ -61,9 +65,14 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
         tmp.mkdir(parents=True)
     barrier()
-    atomic_write_bytes(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
-    if rank == 0:
-        atomic_write_bytes(tmp / "shared.pt", lambda f: torch.save(shared, f))
+    try:
+        atomic_write_bytes(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+        if rank == 0:
+            atomic_write_bytes(tmp / "shared.pt", lambda f: torch.save(shared, f))
+    except OSError as err:  # a full disk or quota: free what this save took, so the error can be recorded
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"checkpoint at step {step} not written ({err}); the previous checkpoint is "
+                                   "kept: free space and run the same command to resume") from err
     kill_point("checkpoint", step)
     barrier()
     if rank == 0:

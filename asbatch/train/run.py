@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import psutil
 
 from asbatch.config import RunConfig
-from asbatch.fsutil import atomic_write_bytes
+from asbatch.fsutil import append_line, atomic_write_bytes
 from asbatch.names import count
 from asbatch.rundir import RunDir
 from asbatch.tracking import Tracker, close_wandb_quietly, complete_tracking
@@ -32,8 +33,7 @@ class MetricsLog:
             atomic_write_bytes(self.path, lambda f: f.write("".join(k + "\n" for k in keep).encode()))
 
     def append(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        append_line(self.path, json.dumps(row, sort_keys=True))  # whole or not at all (a full disk)
 
 
 def train(
@@ -102,7 +102,10 @@ def _train_locked(config: RunConfig, run_dir: RunDir, report: RunReport, should_
         raise
     except Exception as err:
         if main:  # for `asbatch status`: why this attempt failed
-            run_dir.write_failure(f"{type(err).__name__}: {err}")
+            try:
+                run_dir.write_failure(f"{type(err).__name__}: {err}")
+            except OSError as write_err:  # a full disk may refuse this too: the run's own error is the one to see
+                warnings.warn(f"could not record the failure for `asbatch status`: {write_err}", stacklevel=2)
         raise
     finally:
         report.close()
