@@ -4,6 +4,7 @@ checkpoints (per-layer optimizer state) resume; speed settings keep the run id."
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -163,6 +164,7 @@ def test_resuming_from_an_older_checkpoint_warns_converts_and_continues(tmp_path
     flat_state = shared["optimizer"]
     shared["optimizer"] = as_legacy(flat_state, first.inner)
     torch.save(shared, ckpt / "shared.pt")
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 10, "world_size": 1}))  # the older code kept no checksums
     second = Trainer(cfg, RunDir(tmp_path / "r"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

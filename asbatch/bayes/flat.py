@@ -249,26 +249,40 @@ def _load_view(view: torch.Tensor, state_dict: dict[str, Any], key: str, strict:
         view.copy_(value)
 
 
-class _FlatParametrizationList(ParametrizationList):
+class _SavedAsView:
+    """Saves and loads one per-layer view of a flat Parameter under the key the layer always had (`KEY`), so
+    a state_dict keeps the per-layer layout; loading writes through the view into the flat Parameter."""
+
+    KEY: str
+
+    def _view(self) -> torch.Tensor:
+        return getattr(self, self.KEY)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + self.KEY] = self._view() if keep_vars else self._view().detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        _load_view(self._view(), state_dict, prefix + self.KEY, strict, missing_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class _FlatParametrizationList(_SavedAsView, ParametrizationList):
     """A layer's parametrization list whose `original` (mu) is a view of the model's flat mu."""
+
+    KEY = "original"
 
     @property
     def original(self) -> torch.Tensor:
         return self._posterior.view(self._posterior.mu, self._index)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "original"] = self.original if keep_vars else self.original.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        _load_view(self.original, state_dict, prefix + "original", strict, missing_keys, error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-
-class _FlatGaussianWeight(GaussianWeight):
+class _FlatGaussianWeight(_SavedAsView, GaussianWeight):
     """A GaussianWeight whose log sigma and eps live in the model's FlatPosterior (per-layer views)."""
+
+    KEY = "log_sigma"
 
     @property
     def log_sigma(self) -> torch.Tensor:
@@ -281,16 +295,6 @@ class _FlatGaussianWeight(GaussianWeight):
     @eps.setter
     def eps(self, value: torch.Tensor | None) -> None:
         self._posterior.set_layer_eps(self._index, value)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "log_sigma"] = self.log_sigma if keep_vars else self.log_sigma.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        _load_view(self.log_sigma, state_dict, prefix + "log_sigma", strict, missing_keys, error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
 
 def flat_posterior(model: nn.Module) -> FlatPosterior | None:
