@@ -34,8 +34,9 @@ def make_bayesian(
     log sigma <- init_log_sigma when given, as the reference code initialises it).
 
     Every `weight` and `bias` of the given layer types (BatchNorm: its affine weight and bias; running stats
-    stay ordinary buffers) gets a GaussianWeight; then their mu and log sigma move into one FlatPosterior
-    (`model.flat_posterior`), the layers keeping views. Returns the model for chaining.
+    stay ordinary buffers) gets a GaussianWeight; then their mu and log sigma move into the model's two flat
+    Parameters (`flat_mu`, `flat_log_sigma`; `flat_posterior(model)` holds the layout), the layers keeping
+    views. Returns the model for chaining.
     """
     if is_bayesian(model):
         raise ValueError("model is already Bayesian")
