@@ -178,3 +178,26 @@ def scancel(job_ids: Sequence[str]) -> None:
     proc = run(["scancel", *job_ids])
     if proc.returncode != 0:
         raise LaunchError(f"scancel {' '.join(job_ids)} failed: {(proc.stderr or proc.stdout).strip()}")
+
+
+def find_jobs(name: str, script_dir: Path, since: str) -> set[str] | None:
+    """The (array) job ids of the jobs named `name` whose batch script lies in `script_dir` (where submitit
+    writes it) and that were submitted at or after `since` (Slurm's local time, `YYYY-MM-DDTHH:MM:SS`):
+    queued or recently ended ones from squeue, ended ones from sacct. None when none is found and squeue
+    (which knows every queued job) did not answer."""
+    prefix = f"{script_dir}/"
+    found: set[str] = set()
+    squeue_answered = False
+    for cmd in (["squeue", "-h", "-t", "all", "-n", name, "-o", "%F|%V|%o"],
+                ["sacct", "-X", "-n", "-P", "--name", name, "-S", since, "-o", "JobID,Submit,SubmitLine"]):
+        try:
+            proc = run(cmd)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        squeue_answered = squeue_answered or (cmd[0] == "squeue" and proc.returncode == 0)
+        for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+            job, submitted, script = ([*line.split("|", 2), "", ""])[:3]
+            array = job.split("_")[0]
+            if array.isdigit() and submitted >= since and script.removeprefix("sbatch ").startswith(prefix):
+                found.add(array)
+    return found if found or squeue_answered else None

@@ -35,7 +35,7 @@ from typing import Any
 import submitit
 
 from asbatch.launch.errors import DamagedStateError, LaunchError, UnmetUpstreamError
-from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord, now
+from asbatch.launch.manifest import IntentRecord, Manifest
 from asbatch.launch.runlog import detached_output
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
 from asbatch.launch.status import RunStatus, run_statuses, sweep_status
@@ -218,6 +218,7 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     try:
         with sweep_dir.lock():
             manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
+            manifest.settle()  # a killed submit's jobs: recorded now, or (Slurm silent) never queued twice
             manifest.overrides = dict(overrides or {})
             return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
     except LaunchError:
@@ -280,18 +281,15 @@ def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manif
     return manifest
 
 
-def _record(manifest: Manifest, plan: StageSubmission, sweep_dir: SweepDir, job_ids: list[str], array_id: str) -> None:
-    at = now()
+def _record(manifest: Manifest, plan: StageSubmission, intent: IntentRecord, job_ids: list[str], array_id: str) -> None:
     plan.array_job_id, plan.job_ids = array_id, job_ids
-    manifest.arrays.append(ArrayRecord(stage=plan.name, executor=plan.executor, array_job_id=array_id,
-                                       dependency=plan.dependency, run_ids=plan.run_ids, submitted_at=at,
-                                       log_dir=plan.log_dir))
-    for run_, job_id in zip(plan.runs, job_ids, strict=True):
-        manifest.submissions.append(SubmissionRecord(
-            run_id=run_.run_id, stage=plan.name, executor=plan.executor, job_id=job_id, array_job_id=array_id,
-            config=run_.config.to_dict(), upstream=run_.upstream, run_dir=str(sweep_dir.run(run_.run_id).path),
-            wandb_id=run_.run_id, submitted_at=at, dependency=plan.run_dependencies.get(run_.run_id),
-            overrides=manifest.overrides))
+    manifest.add(*intent.fulfil(array_id, job_ids))
+
+
+def _kill_point(n: int) -> None:
+    """Tests: `ASBATCH_FAULT=sbatch:<n>` SIGKILLs the submit once its n-th sbatch answered, before its records."""
+    if os.environ.get("ASBATCH_FAULT") == f"sbatch:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: list[StageSubmission],
@@ -311,6 +309,8 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             own = plan.run_dependencies[plan.runs[0].run_id] or None
             corresponding = _aftercorr(plan, job_of)
             _describe(plan, sweep, own if single else corresponding or _dependency(plan, arrays))
+            manifest.intents.append(intent := manifest.intend(plan))
+            manifest.save()  # before sbatch: the jobs of a submit killed after it are still found
             ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster="slurm")
             ex.update_parameters(**plan.parameters)
             tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir),
@@ -319,17 +319,22 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             with contextlib.redirect_stderr(io.StringIO()), ex.batch():
                 jobs = [ex.submit(task) for task in tasks]
             job_ids = [job.job_id for job in jobs]
+            _kill_point(len(arrays) + 1)
             arrays[plan.name] = job_ids[0].split("_")[0]
             job_of.update(zip(plan.run_ids, job_ids, strict=True))
-            _record(manifest, plan, sweep_dir, job_ids, arrays[plan.name])
+            manifest.intents.remove(intent)
+            _record(manifest, plan, intent, job_ids, arrays[plan.name])
             manifest.save()  # after each array: a failure later still leaves a true manifest
             if not corresponding:
                 _set_task_dependencies(plan)
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
         for path in _pending_files(sweep_dir) - before:  # the failed array's pickles and script
             path.unlink(missing_ok=True)
-        if arrays:  # saved after each array already; a first submission that failed leaves no empty manifest
+        manifest.intents.clear()  # sbatch failed: nothing of it was queued
+        if manifest.arrays:
             manifest.save()
+        else:  # a first submission that failed leaves no manifest
+            manifest.path.unlink(missing_ok=True)
         detail = getattr(err, "stderr", None) or getattr(err, "output", None) or err
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
@@ -365,7 +370,7 @@ def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: M
         job = ex.submit(SequentialTask(items))
     for plan in plans:
         if plan.runs:
-            _record(manifest, plan, sweep_dir, [str(job.job_id)] * len(plan.runs), str(job.job_id))
+            _record(manifest, plan, manifest.intend(plan), [str(job.job_id)] * len(plan.runs), str(job.job_id))
     manifest.save()
     if kind == "debug":
         with contextlib.suppress(Exception):  # failures are visible in the run states and the job's log
