@@ -85,7 +85,7 @@ def _sweep_list(runs_root: Path) -> None:
     for sweep_dir in sweeps:
         try:  # one damaged (or unreadable) sweep must not hide the healthy ones
             by = "submit" if sweep_dir.is_submitted() else "run"
-            st = sweep_status(sweep_dir)
+            st = sweep_status(sweep_dir, strict=False)
         except (DamagedStateError, RunDirError, LaunchError) as err:
             damaged.append(str(err))
             table.add_row(sweep_dir.name, "?", "damaged (see below)", "?")
@@ -114,7 +114,7 @@ def status_command(sweep: str | None, runs_root: Path) -> None:
         _sweep_list(runs_root)
         return
     try:
-        st = sweep_status(any_sweep_dir(runs_root, sweep))
+        st = sweep_status(any_sweep_dir(runs_root, sweep), strict=False)  # controller away: a note
     except (DamagedStateError, RunDirError) as err:
         fail(err, 2)
     except LaunchError as err:
@@ -149,13 +149,17 @@ def wait_command(sweep: str, poll: float, timeout: float | None, runs_root: Path
     from asbatch.launch import DamagedStateError, LaunchError, wait_for_sweep
     from asbatch.rundir import RunDirError
 
-    seen = [None]
+    seen, noted = [None], [None]
 
     def on_poll(st) -> None:
         key = [(r.run_id, r.state, r.epochs_done) for r in st.runs]
         if key != seen[0]:
             seen[0] = key
             click.echo(f"{time.strftime('%H:%M:%S')} {progress_line(st)}")
+        if st.note != noted[0]:  # e.g. Slurm's controller away: said once, not at every poll
+            noted[0] = st.note
+            if st.note:
+                click.echo(f"{time.strftime('%H:%M:%S')} note: {st.note}")
 
     try:
         final = wait_for_sweep(any_sweep_dir(runs_root, sweep), poll_s=poll, timeout_s=timeout, on_poll=on_poll)

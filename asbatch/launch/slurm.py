@@ -146,30 +146,60 @@ def _lookup(table: dict[str, list[str]], job_id: str) -> list[str] | None:
     return table.get(job_id) or table.get(job_id.split("_")[0])
 
 
-def query_slurm(job_ids: Sequence[str]) -> tuple[dict[str, tuple[str, str]], dict[str, str], str | None]:
+# what a Slurm client prints when slurmctld is down, restarting or unreachable
+CONTROLLER_AWAY = re.compile(r"Unable to contact slurm controller|Socket timed out|Connection refused|"
+                             r"Zero Bytes were transmitted|Transport endpoint is not connected", re.IGNORECASE)
+
+
+def _ask(cmd: list[str]) -> tuple[subprocess.CompletedProcess | None, str]:
+    """A Slurm query: (the finished process or None, why it failed in one line; "" when it answered)."""
+    try:
+        proc = run(cmd)
+    except subprocess.TimeoutExpired as err:
+        return None, f"{cmd[0]}: no answer within {err.timeout:g} s"
+    except OSError as err:
+        return None, f"{cmd[0]}: {err.strerror or err}"
+    text = " ".join((proc.stderr or proc.stdout).split())
+    return proc, "" if proc.returncode == 0 else (text or f"{cmd[0]}: exit {proc.returncode}")
+
+
+def query_slurm(job_ids: Sequence[str], strict: bool = True) -> tuple[dict[str, tuple[str, str]], dict[str, str],
+                                                                    str | None]:
     """For job ids ('123_4' or '123'): (live {id: (state, reason)} from `squeue -t all`, final {id: state}
-    from `sacct`, a note when sacct is unavailable)."""
+    from `sacct`, a one-line note when either did not answer). squeue needs slurmctld, sacct only slurmdbd:
+    while the controller is away (stopped, restarting, unreachable) a `strict=False` caller (status, wait)
+    gets the states sacct still knows and a note; a strict one (submit, retry, cancel: they act on the states,
+    and a job sacct has not recorded yet would be queued twice) a LaunchError."""
     arrays = sorted({j.split("_")[0] for j in job_ids}, key=int)
     if not arrays:
         return {}, {}, None
     ids = ",".join(arrays)
     live: dict[str, tuple[str, str]] = {}
-    sq = run(["squeue", "-h", "-r", "-t", "all", "-j", ids, "-o", "%i|%T|%r"])
-    if sq.returncode == 0:
+    sq, sq_error = _ask(["squeue", "-h", "-r", "-t", "all", "-j", ids, "-o", "%i|%T|%r"])
+    if sq is not None and sq.returncode == 0:
         table = parse_job_lines(sq.stdout.splitlines())
         live = {j: (f[0], f[1] if len(f) > 1 else "") for j in job_ids if (f := _lookup(table, j))}
-    elif "Invalid job id" not in sq.stderr:
-        raise LaunchError(f"squeue failed: {(sq.stderr or sq.stdout).strip()}")
-    note = None
+    elif "Invalid job id" in sq_error:
+        sq_error = ""  # squeue has forgotten every one of these jobs (MinJobAge): sacct knows how they ended
+    if sq_error and strict:
+        raise LaunchError(f"squeue failed: {sq_error}")
     final: dict[str, str] = {}
-    sa = run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"])
-    if sa.returncode == 0:
+    sa, sa_error = _ask(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"])
+    if sa is not None and sa.returncode == 0:
         table = parse_job_lines(sa.stdout.splitlines())
         final = {j: f[0] for j in job_ids if (f := _lookup(table, j))}
+    if not sq_error and not sa_error:
+        return live, final, None
+    away = "Slurm's controller is not answering" if CONTROLLER_AWAY.search(sq_error) else "squeue failed"
+    if sq_error and sa_error:
+        note = (f"{away} ({sq_error}) and sacct failed ({sa_error}): Slurm states unknown; runs with {RESULTS} "
+                f"show as COMPLETED, the others as UNKNOWN")
+    elif sq_error:
+        note = (f"{away} ({sq_error}): states come from sacct and the run dirs, without pending reasons, until "
+                "it answers again")
     else:
-        note = (f"sacct failed ({(sa.stderr or sa.stdout).strip() or f'exit {sa.returncode}'}): states come "
-                f"from squeue only, which forgets finished jobs after MinJobAge; runs without {RESULTS} "
-                "whose job is gone show as UNKNOWN")
+        note = (f"sacct failed ({sa_error}): states come from squeue only, which forgets finished jobs after "
+                f"MinJobAge; runs without {RESULTS} whose job is gone show as UNKNOWN")
     return live, final, note
 
 

@@ -252,12 +252,13 @@ def fill_points(runs: list[RunStatus]) -> dict[str, tuple]:
     return order
 
 
-def run_statuses(manifest: Manifest) -> tuple[dict[str, RunStatus], str | None]:
-    """The status of every run's newest submission, and a note when Slurm's view is partial."""
+def run_statuses(manifest: Manifest, strict: bool = True) -> tuple[dict[str, RunStatus], str | None]:
+    """The status of every run's newest submission, and a note when Slurm's view is partial (`strict`: a
+    controller that does not answer is a LaunchError instead; see `query_slurm`)."""
     latest = list(manifest.latest().values())
     every = [r.job_id for r in manifest.submissions if r.executor == "slurm"]
     have_slurm = bool(shutil.which("squeue"))
-    live, final, note = query_slurm(every) if every and have_slurm else ({}, {}, None)
+    live, final, note = query_slurm(every, strict) if every and have_slurm else ({}, {}, None)
     if every and not have_slurm:
         note = f"squeue is not on PATH: Slurm states unknown; runs with {RESULTS} show as COMPLETED"
     statuses = {r.run_id: _status_of(r, live, final) for r in latest}
@@ -284,15 +285,16 @@ def run_statuses(manifest: Manifest) -> tuple[dict[str, RunStatus], str | None]:
     return statuses, note
 
 
-def sweep_status(sweep_dir: str | Path | SweepDir) -> SweepStatus:
+def sweep_status(sweep_dir: str | Path | SweepDir, strict: bool = True) -> SweepStatus:
     """Every run's state (see the module docstring): the submitted runs, then the run dirs the manifest does
-    not list (trained by `asbatch run`); a sweep without a manifest has only those."""
+    not list (trained by `asbatch run`); a sweep without a manifest has only those. `strict=False` (status,
+    wait): while Slurm's controller does not answer, the states sacct and the run dirs give, with a note."""
     sweep_dir = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
     statuses: dict[str, RunStatus] = {}
     note, name = None, sweep_dir.name
     if sweep_dir.is_submitted():
         manifest = Manifest.load(sweep_dir)
-        statuses, note = run_statuses(manifest)
+        statuses, note = run_statuses(manifest, strict)
         name = manifest.sweep
     elif not sweep_dir.runs():
         raise LaunchError(f"{sweep_dir.path}: not a sweep (no manifest and no run dirs)")
@@ -310,7 +312,7 @@ def wait_for_sweep(sweep_dir: str | Path | SweepDir, poll_s: float = 10.0, timeo
     a LaunchError says what is still active."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        status = sweep_status(sweep_dir)
+        status = sweep_status(sweep_dir, strict=False)  # a controller away (restarting): note, keep waiting
         if on_poll is not None:
             on_poll(status)
         active = [r for r in status.runs if r.active]
