@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from asbatch.fsutil import atomic_write_bytes
+
 AS_COLOR, PLAIN_COLOR, NEUTRAL_COLOR = "tab:red", "tab:blue", "dimgray"
 DPI = 110
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,9 +36,10 @@ def new_figure(nrows: int = 1, ncols: int = 1, width: float = 4.4, height: float
 
 
 def save_png(fig, path: str | Path) -> Path:
+    """Write the figure atomically: a full disk leaves no half PNG, and its error names the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    atomic_write_bytes(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     return path
 
 

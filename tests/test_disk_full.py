@@ -94,3 +94,25 @@ def test_a_run_that_fills_the_disk_fails_in_one_line_and_resumes_bitwise_after_s
         step = int(ckpt.name.removeprefix("step-"))  # it went on from the checkpoint the full disk left
         assert f"(global step {step})" in resumed.stdout or f"after step {step % 5}/5" in resumed.stdout, resumed.stdout
         assert_identical(run_dir, outcome(reference))
+
+
+def test_a_full_disk_at_the_end_of_a_tracked_run_names_the_figure_and_the_rerun_finishes(tmp_path):
+    """With W&B offline the run's end writes figures for W&B into the run dir: the one that does not fit is
+    named, no half PNG stays, and the same command after freeing space redoes only the final evaluation."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "schedule": {"name": "cosine", "epochs": 1}, "keep_checkpoints": 1,
+                                      "checkpoint_every": 10**6, "tracking": {"wandb": "offline", "project": "t"}}))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    with tmpfs(tmp_path / "fs", "350k") as fs:  # the checkpoint and model.pt fit, the figures do not
+        proc = subprocess.run([sys.executable, "-m", "asbatch", "run", str(config), "--runs-root", str(fs / "runs")],
+                              capture_output=True, text=True, timeout=300, env=env)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "No space left on device" in errors[0] and ".png'" in errors[0], errors[0]
+        (run_dir,) = (fs / "runs" / "full").iterdir()
+        assert not list(run_dir.glob(".*.part")) and not (run_dir / "results.json").exists()
+        subprocess.run(["mount", "-o", "remount,size=16m", str(fs)], check=True)
+        rerun = subprocess.run([sys.executable, "-m", "asbatch", "run", str(config), "--runs-root", str(fs / "runs")],
+                               capture_output=True, text=True, timeout=300, env=env)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "final evaluation only" in rerun.stdout and (run_dir / "results.json").exists()
