@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,14 @@ def asbatch(*args, **kw) -> subprocess.CompletedProcess:
                           timeout=600, env=kw.pop("env", env()), **kw)
 
 
+def wait_until_held(pid: int, timeout_s: float = 60) -> None:
+    """Until the process is stopped (state T in /proc: it held itself at an `ASBATCH_FAULT=hold-...` point)."""
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not hold itself"
+        time.sleep(0.01)
+
+
 def outcome(run_dir: Path) -> tuple[dict, list]:
     """results.json without its timing block, metrics.jsonl without its timing fields."""
     results = json.loads((run_dir / "results.json").read_text())
@@ -70,13 +79,17 @@ def test_a_piped_run_prints_flushed_lines_and_a_signal_saves_exits_and_the_rerun
     assert reference.returncode == 0, reference.stderr
 
     cmd = [sys.executable, "-m", "asbatch", "run", str(spec), "--runs-root", str(tmp_path / "runs")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    # the run holds itself (SIGSTOP) after epoch 1's checkpoint: the signal lands there however fast it trains
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(ASBATCH_FAULT="hold-epoch:1"))
     lines = []
     for line in proc.stdout:  # a pipe: one line per epoch, each flushed as the epoch ends
         lines.append(line)
         if " epoch 1/12 " in line:
             assert proc.poll() is None, "the first epoch's line must arrive while the run trains"
+            wait_until_held(proc.pid)
             proc.send_signal(signum)
+            proc.send_signal(signal.SIGCONT)
             break
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err

@@ -1,6 +1,7 @@
 """Fault injection for the tests that kill real processes: `ASBATCH_FAULT=<point>:<step>[:<rank>]`.
 
-Points: `step`, `epoch`, `checkpoint` SIGKILL this process there (resume tests); `nan` makes rank <rank>
+Points: `step`, `epoch`, `checkpoint` SIGKILL this process there (resume tests), `hold-<point>` SIGSTOPs it
+there (signal tests); `nan` makes rank <rank>
 (default 0) see a non-finite loss at that global step (the multi-rank failure test). Unset in normal use.
 """
 
@@ -19,9 +20,12 @@ def _armed(name: str, step: int, rank: int = 0) -> bool:
 
 
 def kill_point(name: str, step: int) -> None:
-    """SIGKILL this process here when `ASBATCH_FAULT=<name>:<step>`."""
+    """SIGKILL this process here when `ASBATCH_FAULT=<name>:<step>`; SIGSTOP it when `hold-<name>:<step>`
+    (a test then sends its signal while the process is held exactly there, however fast the machine is)."""
     if _armed(name, step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _armed(f"hold-{name}", step):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def nan_loss(step: int, rank: int) -> bool:
