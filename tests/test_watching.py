@@ -80,8 +80,11 @@ def test_a_piped_run_prints_flushed_lines_and_a_signal_saves_exits_and_the_rerun
 
     cmd = [sys.executable, "-m", "asbatch", "run", str(spec), "--runs-root", str(tmp_path / "runs")]
     # the run holds itself (SIGSTOP) after epoch 1's checkpoint: the signal lands there however fast it trains
+    # SIGHUP at its default, whatever the tests were started under (nohup would pass its SIG_IGN on, and a run
+    # that starts with SIGHUP ignored keeps ignoring it, as `test_a_run_started_under_nohup...` checks)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(ASBATCH_FAULT="hold-epoch:1"))
+                            env=env(ASBATCH_FAULT="hold-epoch:1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:  # a pipe: one line per epoch, each flushed as the epoch ends
         lines.append(line)
