@@ -75,7 +75,12 @@ def test_a_killed_submit_s_jobs_are_listed_and_a_second_submit_queues_nothing(lo
         assert [r.state for r in done.runs] == ["COMPLETED", "COMPLETED"], [(r.run_id, r.reason) for r in done.runs]
         for run_id in runs:  # trained once: 2 epochs, one metrics line each, by one job with one sacct record
             assert epochs_done(root / "killed" / run_id) == 2
-        records = sacct([array], "JobID,State", duplicates=True)  # -D: one record per requeue too
+        # -D: one record per requeue too; slurmdbd records asynchronously, so wait until it has both ends
+        live = ("PENDING", "RUNNING", "COMPLETING")
+        records = wait_for(lambda: (rs := sacct([array], "JobID,State", duplicates=True))
+                           and {r[0] for r in rs} == {f"{array}_0", f"{array}_1"}
+                           and not any(r[1].startswith(live) for r in rs) and rs,
+                           30, "sacct to record how both tasks ended", every=1)
         assert sorted(r[0] for r in records) == [f"{array}_0", f"{array}_1"], records
         assert not (root / "killed" / runs[0] / "requeues.json").exists()
     finally:
