@@ -27,6 +27,7 @@ from test_launch import (
     epochs_done,
     hold,
     job_history,
+    sacct,
     sh,
     train_reference,
     wait_for,
@@ -161,6 +162,9 @@ def test_slurmctld_stopped_and_started_mid_sweep_status_notes_it_and_the_sweep_f
     pid_file = Path(re.search(r"SlurmctldPidFile\s*=\s*(\S+)", sh("scontrol", "show", "config")).group(1))
     try:
         wait_for(hold_each_after_an_epoch, 90, "both runs to train an epoch", every=0.05)
+        # slurmdbd records a job's start asynchronously: status reads it from sacct once the controller is away
+        wait_for(lambda: (rs := sacct([first.array_job_id])) and len(rs) == 2 and all(r[1] == "RUNNING" for r in rs),
+                 30, "slurmdbd to record both jobs RUNNING", every=0.5)
         ctld = int(pid_file.read_text())
         waiter = subprocess.Popen([sys.executable, "-m", "asbatch", "wait", "ctld", "--poll", "1", "--timeout",
                                    "240", "--runs-root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -104,16 +104,29 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
     from asbatch.train import TrainingInterrupted, train
 
     results = []
-    for run in runs:
-        if stop.is_set():
-            _interrupted(f"{sweep.name}: {stop.what} before run {run.run_id}", stop.exit_code)
-        try:
-            results.append(train(run.config, runs_root / sweep.name / run.run_id, should_stop=stop.is_set,
-                                 label=point_label(run.point)))
-        except TrainingInterrupted as err:
-            _interrupted(f"{run.run_id} {stop.what} at {err.where}; checkpoint saved", stop.exit_code)
+    try:
+        for run in runs:
+            if stop.is_set():
+                _interrupted(f"{sweep.name}: {stop.what} before run {run.run_id}", stop.exit_code)
+            try:
+                results.append(train(run.config, runs_root / sweep.name / run.run_id, should_stop=stop.is_set,
+                                     label=point_label(run.point)))
+            except TrainingInterrupted as err:
+                _interrupted(f"{run.run_id} {stop.what} at {err.where}; checkpoint saved", stop.exit_code)
+    finally:
+        _release_process_group()
     if main_rank:
         _print_table(sweep.name, results, runs_root)
+
+
+def _release_process_group() -> None:
+    """Several ranks: tear the process group down while the interpreter is alive. Left to the interpreter's
+    exit, gloo's threads now and then abort the process ("terminate called without an active exception",
+    SIGABRT) after a finished or failed run. Every rank gets here after its last collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _interrupted(what: str, code: int) -> None:
