@@ -596,7 +596,10 @@ def test_a_two_node_run_trains_with_a_real_gloo_group(local_slurm, tmp_path):
     assert results["train"]["world_size"] == 2
     assert results["train"]["ranks_in_sync"] is True
     job = manifest.submissions[0].job_id
-    assert sacct([job], "JobID,NNodes,NodeList")[0][1:] == ["2", "n[1-2]"]
+    # results.json comes before the job ends, and slurmdbd records the job's nodes asynchronously: wait for them
+    record = wait_for(lambda: (rs := sacct([job], "JobID,NNodes,NodeList,State")) and rs[0][3] == "COMPLETED"
+                      and rs[0], 60, "sacct to record the finished two-node job", every=0.5)
+    assert record[1:3] == ["2", "n[1-2]"], record
 
 
 @pytest.mark.slurm
