@@ -444,7 +444,8 @@ def test_retry_resubmits_failed_runs_and_the_runs_stuck_behind_them(local_slurm,
     assert new[1].dependency == f"aftercorr:{new[0].array_job_id}", "task i after task i of the new array"
     assert f"resubmitted 2 runs as {new[0].array_job_id}" in result.output
     wait_for_results([Path(s.run_dir) for s in first.submissions], 120)
-    assert {row[1].split()[0] for row in sacct([old[1].array_job_id])} == {"CANCELLED"}, "stuck tasks cancelled"
+    wait_for(lambda: {row[1].split()[0] for row in sacct([old[1].array_job_id])} == {"CANCELLED"}, 30,
+             "sacct to record the stuck tasks CANCELLED")  # slurmdbd records asynchronously
     again = CliRunner().invoke(main, ["retry", "flaky", "--runs-root", str(root)])
     assert again.exit_code == 0 and "nothing to retry" in again.output
 
