@@ -281,36 +281,31 @@ def wandb_run_from_offline_files(run_dir) -> FakeRun:
     in the run dir (not from asbatch's own files): id, group and job type from the run record; config from the
     run and config records without W&B's internal keys (as `wandb.Api().run().config`); summary from every
     summary record in order; history rows from the history records, with their `_step`."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
     from asbatch.rundir import RunDir, offline_segments
-    from asbatch.tracking.offline import read_finished_segment, records
+    from asbatch.tracking.offline import read_finished_segment, segment_records
 
     run, config, summary, rows = None, {}, {}, []
     for segment in offline_segments(RunDir(run_dir)):
         assert read_finished_segment(segment).exited, f"{segment}: W&B did not finish writing it"
-        for path in sorted(segment.glob("*.wandb")):
-            for raw in records(path):
-                record = pb.Record()
-                record.ParseFromString(raw)
-                kind = record.WhichOneof("record_type")
-                if kind == "run":
-                    run = record.run
-                    for item in record.run.config.update:
-                        _put(config, item)
-                elif kind == "config":
-                    for item in record.config.update:
-                        _put(config, item)
-                elif kind == "summary":
-                    for item in record.summary.update:
-                        _put(summary, item)
-                    for item in record.summary.remove:
-                        summary.pop(item.key, None)
-                elif kind == "history":
-                    row = {}
-                    for item in record.history.item:
-                        _put(row, item)
-                    rows.append({**row, "_step": record.history.step.num})
+        for record in segment_records(segment):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run = record.run
+                for item in record.run.config.update:
+                    _put(config, item)
+            elif kind == "config":
+                for item in record.config.update:
+                    _put(config, item)
+            elif kind == "summary":
+                for item in record.summary.update:
+                    _put(summary, item)
+                for item in record.summary.remove:
+                    summary.pop(item.key, None)
+            elif kind == "history":
+                row = {}
+                for item in record.history.item:
+                    _put(row, item)
+                rows.append({**row, "_step": record.history.step.num})
     assert run is not None, f"{run_dir}: no W&B run record"
     config = {k: v for k, v in config.items() if k not in {"_wandb", "wandb_version"}}
     return FakeRun(id=run.run_id, group=run.run_group, job_type=run.job_type, config=config, summary=summary,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HEADER = b":W&B"
 FILE_HEADER_SIZE = 7
@@ -90,20 +92,26 @@ def read_finished_segment(segment_dir: Path, timeout: float = 15.0) -> Segment:
         time.sleep(0.1)
 
 
-def read_segment(segment_dir: Path) -> Segment:
-    """The history steps, summary keys and exit of an offline segment dir (`offline-run-*`)."""
+def segment_records(segment_dir: Path) -> Iterator[Any]:
+    """Every W&B record (a parsed `wandb_internal_pb2.Record`) of an offline segment dir, in order."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    found = Segment(segment_dir)
     for path in sorted(segment_dir.glob("*.wandb")):
         for raw in records(path):
             record = pb.Record()
             record.ParseFromString(raw)
-            kind = record.WhichOneof("record_type")
-            if kind == "history":
-                found.history_steps.append(record.history.step.num)
-            elif kind == "summary":
-                found.summary_keys.update(item.key or "/".join(item.nested_key) for item in record.summary.update)
-            elif kind == "exit":
-                found.exited = True
+            yield record
+
+
+def read_segment(segment_dir: Path) -> Segment:
+    """The history steps, summary keys and exit of an offline segment dir (`offline-run-*`)."""
+    found = Segment(segment_dir)
+    for record in segment_records(segment_dir):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            found.history_steps.append(record.history.step.num)
+        elif kind == "summary":
+            found.summary_keys.update(item.key or "/".join(item.nested_key) for item in record.summary.update)
+        elif kind == "exit":
+            found.exited = True
     return found
