@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,50 +158,101 @@ def _ask(cmd: list[str]) -> tuple[subprocess.CompletedProcess | None, str]:
         proc = run(cmd)
     except subprocess.TimeoutExpired as err:
         return None, f"{cmd[0]}: no answer within {err.timeout:g} s"
+    except FileNotFoundError:
+        return None, f"{cmd[0]} is not on PATH"
     except OSError as err:
         return None, f"{cmd[0]}: {err.strerror or err}"
     text = " ".join((proc.stderr or proc.stdout).split())
     return proc, "" if proc.returncode == 0 else (text or f"{cmd[0]}: exit {proc.returncode}")
 
 
-def query_slurm(job_ids: Sequence[str], strict: bool = True) -> tuple[dict[str, tuple[str, str]], dict[str, str],
-                                                                    str | None]:
-    """For job ids ('123_4' or '123'): (live {id: (state, reason)} from `squeue -t all`, final {id: state}
-    from `sacct`, a one-line note when either did not answer). squeue needs slurmctld, sacct only slurmdbd:
-    while the controller is away (stopped, restarting, unreachable) a `strict=False` caller (status, wait)
-    gets the states sacct still knows and a note; a strict one (submit, retry, cancel: they act on the states,
-    and a job sacct has not recorded yet would be queued twice) a LaunchError."""
+@dataclass
+class SlurmView:
+    """What Slurm says about some jobs: live {id: (state, reason)} from squeue, final {id: state} from sacct,
+    a one-line note when either did not answer, whether squeue answered (then a job it does not list is gone:
+    neither queued nor running) and, without accounting, why (`sacct` missing, failing or knowing none of
+    the jobs)."""
+
+    live: dict[str, tuple[str, str]] = field(default_factory=dict)
+    final: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+    squeue_error: str = ""           # "" when squeue answered
+    no_accounting: str | None = None  # why sacct gives no final states; None when it answered with records
+
+    def gone(self, job_id: str) -> bool:
+        """squeue answered and does not list the job: it is not queued or running any more."""
+        return not self.squeue_error and job_id not in self.live
+
+    def unknown_reason(self, job_id: str, run_id: str) -> str:
+        """Why a job neither squeue nor sacct reports has no state, and what to do ('' where accounting
+        works and has merely no record of it)."""
+        if self.squeue_error and self.no_accounting:
+            return (f"no accounting: {self.no_accounting}, and squeue did not answer either; `asbatch status` "
+                    "again once Slurm's controller answers")
+        if self.no_accounting and not self.squeue_error:
+            return (f"no accounting: job {job_id} has left the queue and Slurm keeps no record of how it ended; "
+                    f"`asbatch logs {run_id} --err` shows it; `asbatch retry` resubmits the run")
+        return ""
+
+
+def query_jobs(job_ids: Sequence[str], strict: bool = True) -> SlurmView:
+    """For job ids ('123_4' or '123'): their live states from `squeue -t all`, their final ones from `sacct`.
+    squeue needs slurmctld, sacct only slurmdbd: while the controller is away (stopped, restarting,
+    unreachable) a `strict=False` caller (status, wait) gets the states sacct still knows and a note; a strict
+    one (submit, retry, cancel: they act on the states, and a job sacct has not recorded yet would be queued
+    twice) a LaunchError. Without accounting (sacct not on PATH, failing, e.g. 'accounting storage is
+    disabled', or knowing none of the jobs) the view says so, and nobody raises: squeue still lists every
+    queued and running job, so a job it does not list is gone."""
     arrays = sorted({j.split("_")[0] for j in job_ids}, key=int)
+    view = SlurmView()
     if not arrays:
-        return {}, {}, None
+        return view
     ids = ",".join(arrays)
-    live: dict[str, tuple[str, str]] = {}
     sq, sq_error = _ask(["squeue", "-h", "-r", "-t", "all", "-j", ids, "-o", "%i|%T|%r"])
     if sq is not None and sq.returncode == 0:
         table = parse_job_lines(sq.stdout.splitlines())
-        live = {j: (f[0], f[1] if len(f) > 1 else "") for j in job_ids if (f := _lookup(table, j))}
+        view.live = {j: (f[0], f[1] if len(f) > 1 else "") for j in job_ids if (f := _lookup(table, j))}
     elif "Invalid job id" in sq_error:
         sq_error = ""  # squeue has forgotten every one of these jobs (MinJobAge): sacct knows how they ended
     if sq_error and strict:
         raise LaunchError(f"squeue failed: {sq_error}")
-    final: dict[str, str] = {}
+    view.squeue_error = sq_error
     sa, sa_error = _ask(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State"])
     if sa is not None and sa.returncode == 0:
         table = parse_job_lines(sa.stdout.splitlines())
-        final = {j: f[0] for j in job_ids if (f := _lookup(table, j))}
-    if not sq_error and not sa_error:
-        return live, final, None
-    away = "Slurm's controller is not answering" if CONTROLLER_AWAY.search(sq_error) else "squeue failed"
-    if sq_error and sa_error:
-        note = (f"{away} ({sq_error}) and sacct failed ({sa_error}): Slurm states unknown; runs with {RESULTS} "
-                f"show as COMPLETED, the others as UNKNOWN")
-    elif sq_error:
-        note = (f"{away} ({sq_error}): states come from sacct and the run dirs, without pending reasons, until "
-                "it answers again")
+        view.final = {j: f[0] for j in job_ids if (f := _lookup(table, j))}
+        if not table:
+            view.no_accounting = "sacct knows none of the sweep's jobs (accounting off, or not recording)"
     else:
-        note = (f"sacct failed ({sa_error}): states come from squeue only, which forgets finished jobs after "
-                f"MinJobAge; runs without {RESULTS} whose job is gone show as UNKNOWN")
-    return live, final, note
+        view.no_accounting = sa_error if sa is None else f"sacct failed ({sa_error})"
+    view.note = _note(view, job_ids, sq_error, sa_error)
+    return view
+
+
+def _note(view: SlurmView, job_ids: Sequence[str], sq_error: str, sa_error: str) -> str | None:
+    away = "Slurm's controller is not answering" if CONTROLLER_AWAY.search(sq_error) else "squeue failed"
+    without = (f"{view.no_accounting}: no accounting, so states come from the run dirs and squeue, which forgets "
+               f"a job MinJobAge after it ends: then a run with {RESULTS} shows as COMPLETED, one with a recorded "
+               "failure as FAILED, the others as UNKNOWN (`asbatch logs RUN --err` shows how one ended; `asbatch "
+               "retry` resubmits them)")
+    if sq_error and sa_error:
+        return (f"{away} ({sq_error}) and {view.no_accounting}: Slurm states unknown; runs with {RESULTS} show as "
+                "COMPLETED, the others as UNKNOWN")
+    if sq_error:
+        return (f"{away} ({sq_error}): states come from sacct and the run dirs, without pending reasons, until it "
+                "answers again")
+    if sa_error:
+        return without
+    if view.no_accounting and any(j not in view.live for j in job_ids):
+        return without  # sacct answered nothing, and some job has left the queue
+    return None
+
+
+def query_slurm(job_ids: Sequence[str], strict: bool = True) -> tuple[dict[str, tuple[str, str]], dict[str, str],
+                                                                    str | None]:
+    """`query_jobs` as (live, final, note)."""
+    view = query_jobs(job_ids, strict)
+    return view.live, view.final, view.note
 
 
 def scancel(job_ids: Sequence[str]) -> None:

@@ -25,11 +25,12 @@ from typing import Any
 
 from asbatch.launch.errors import LaunchError
 from asbatch.launch.manifest import Manifest, SubmissionRecord
-from asbatch.launch.slurm import ACTIVE, ENDED_BECAUSE, NEVER_RUNS, RETRYABLE, query_slurm
+from asbatch.launch.slurm import ACTIVE, ENDED_BECAUSE, NEVER_RUNS, RETRYABLE, SlurmView, query_jobs
 from asbatch.names import point_label, sort_key
 from asbatch.rundir import RESULTS, RunDir, SweepDir
 from asbatch.runshape import epoch_test_acc
 
+UNKNOWN = "UNKNOWN"  # a Slurm run whose job neither squeue nor sacct reports, without results or a failure record
 INTERRUPTED = "INTERRUPTED"  # an in-process run (`asbatch run`, the debug executor) stopped before it finished
 NOT_A_POINT = ("sweep", "stage", "model.init_from")  # differ between runs without being a grid value
 
@@ -54,6 +55,7 @@ class RunStatus:
     eta_s: float | None = None       # while running: epochs left x mean epoch time (the evaluation not counted)
     final_acc: float | None = None   # once done: the ensembled accuracy of the final S-sample evaluation
     config: dict[str, Any] | None = None
+    gone: bool = False               # no accounting, and squeue answered without it: the job is not live any more
 
     @property
     def finished(self) -> bool:
@@ -70,7 +72,10 @@ class RunStatus:
 
     @property
     def retryable(self) -> bool:
-        return not self.finished and (self.state in RETRYABLE or self.state == INTERRUPTED or self.blocked)
+        """Resubmitted by `retry`: a stopped or blocked run, or an UNKNOWN one whose job is known to be gone
+        (no accounting, and squeue answered without it: resubmitting cannot queue it twice)."""
+        return not self.finished and (self.state in RETRYABLE or self.state == INTERRUPTED or self.blocked
+                                      or (self.state == UNKNOWN and self.gone))
 
 
 @dataclass
@@ -161,9 +166,21 @@ def _stopped_state(status: RunStatus, run_dir: RunDir, stopped: str, reason: str
     status.state, status.reason = ("FAILED", failure) if failure else (stopped, reason)
 
 
-def _status_of(record: SubmissionRecord, live: dict, final: dict) -> RunStatus:
+def _without_slurm_state(status: RunStatus, run_dir: RunDir, slurm: SlurmView) -> None:
+    """A Slurm run that neither squeue nor sacct reports: FAILED with a failure record once its job is known
+    to be gone, else UNKNOWN, saying why (no accounting) and what to do."""
+    job = status.job_id or ""
+    if slurm.gone(job) and (failure := run_dir.read_failure()):
+        status.state, status.reason, status.source = "FAILED", failure, "failure record"
+        return
+    status.reason = slurm.unknown_reason(job, status.run_id)
+    status.gone = bool(slurm.no_accounting) and slurm.gone(job)
+
+
+def _status_of(record: SubmissionRecord, slurm: SlurmView) -> RunStatus:
     run_dir = RunDir(record.run_dir)
-    status = RunStatus(run_id=record.run_id, stage=record.stage, state="UNKNOWN", job_id=record.job_id,
+    live, final = slurm.live, slurm.final
+    status = RunStatus(run_id=record.run_id, stage=record.stage, state=UNKNOWN, job_id=record.job_id,
                        executor=record.executor, run_dir=str(run_dir.path),
                        epochs=record.config["schedule"]["epochs"], config=record.config)
     job = record.job_id
@@ -176,6 +193,8 @@ def _status_of(record: SubmissionRecord, live: dict, final: dict) -> RunStatus:
             status.state, status.source = sa, "sacct"
         if status.source:
             status.slurm_state, status.slurm_source = status.state, status.source
+        else:
+            _without_slurm_state(status, run_dir, slurm)
     elif status.executor == "local":
         alive = job.isdigit() and _pid_alive(int(job))
         started = run_dir.is_started()
@@ -258,10 +277,12 @@ def run_statuses(manifest: Manifest, strict: bool = True) -> tuple[dict[str, Run
     latest = list(manifest.latest().values())
     every = [r.job_id for r in manifest.submissions if r.executor == "slurm"]
     have_slurm = bool(shutil.which("squeue"))
-    live, final, note = query_slurm(every, strict) if every and have_slurm else ({}, {}, None)
+    slurm = query_jobs(every, strict) if every and have_slurm else SlurmView()
     if every and not have_slurm:
-        note = f"squeue is not on PATH: Slurm states unknown; runs with {RESULTS} show as COMPLETED"
-    statuses = {r.run_id: _status_of(r, live, final) for r in latest}
+        slurm = SlurmView(squeue_error="squeue is not on PATH", no_accounting="squeue is not on PATH",
+                          note=f"squeue is not on PATH: Slurm states unknown; runs with {RESULTS} show as COMPLETED")
+    live, final, note = slurm.live, slurm.final, slurm.note
+    statuses = {r.run_id: _status_of(r, slurm) for r in latest}
     dependency = {a.array_job_id: a.dependency for a in manifest.arrays}
     own = {r.run_id: r.dependency for r in latest if r.dependency is not None}
     tasks: dict[str, list[str]] = {}
