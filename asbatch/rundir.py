@@ -2,7 +2,8 @@
 
     <runs root>/<sweep>/                  SweepDir
         manifest.json                     what was submitted (asbatch.launch.manifest)
-        .submit.lock                      serialises submit / retry / cancel of the sweep
+        .submit.lock                      serialises submit / retry / cancel of the sweep (flock)
+        .submit.lock.owner                the same where flock is unsupported: host, pid of its holder
         .slurm/<job id>/                  submitit's files and the jobs' stdout / stderr (Slurm)
         .slurm/local/                     the same for the local executor's job (one process, all runs)
         report/                           `asbatch report`
@@ -17,6 +18,7 @@
             failure.json                  why the last attempt failed (removed when an attempt starts)
             process.json                  pid and host of the process training it (removed when it stops)
             .train.rank<r>.lock           held by the process training rank r (one trainer per run dir)
+            .train.rank<r>.lock.owner     the same where flock is unsupported (asbatch.locks)
             stdout.log stderr.log         the run's own output under the local executor
             <figure>.png                  per-run figures logged to W&B
 
@@ -125,20 +127,13 @@ class RunDir:
     @contextlib.contextmanager
     def training(self, rank: int) -> Iterator[bool]:
         """Hold rank `rank`'s training lock while the block runs; yields False (and holds nothing) when another
-        live process holds it. An OS lock (flock): a killed trainer's lock is released with its process."""
-        from filelock import FileLock, Timeout
+        live process holds it. An OS lock (flock): a killed trainer's lock is released with its process; where
+        flock is unsupported, a lock file naming its holder (asbatch.locks), taken over once that is gone."""
+        from asbatch.locks import exclusive
 
         self.path.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.train_lock_file(rank), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            lock.release()
+        with exclusive(self.train_lock_file(rank), timeout=0) as mine:
+            yield mine
 
     @property
     def stdout_log(self) -> Path:
@@ -351,11 +346,12 @@ class SweepDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive lock on `.submit.lock`: read manifest -> submit -> write manifest is atomic with respect
-        to other submits, retries and cancels of the same sweep (other processes or threads)."""
-        from filelock import FileLock
+        to other submits, retries and cancels of the same sweep (other processes or threads); a soft lock
+        file where flock is unsupported (asbatch.locks)."""
+        from asbatch.locks import exclusive
 
         self.path.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.lock_file):
+        with exclusive(self.lock_file):
             yield
 
 

@@ -18,7 +18,7 @@ MAX_LINES = 450
 
 # What each part of the package may import from asbatch (a part is its first dotted name under asbatch).
 # Arrows point one way: spec -> launch -> train -> run dir -> analysis; the science knows none of them.
-BASE = {"asbatch", "names", "fsutil", "config", "rundir", "runshape", "datafiles"}
+BASE = {"asbatch", "names", "fsutil", "config", "rundir", "runshape", "datafiles", "locks"}
 SCIENCE = {"bayes", "models", "adversarial", "evaluate", "data"}
 ALLOWED = {
     **{part: BASE for part in BASE},
