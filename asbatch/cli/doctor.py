@@ -50,7 +50,7 @@ class Site:
     max_submit: int | None = None
 
 
-@main.command("doctor", short_help="Check this site (Slurm, the runs root, W&B) and a spec before submitting.")
+@main.command("doctor", short_help="Check this site (Slurm, runs root, W&B) and a spec before submitting.")
 @click.argument("spec_path", metavar="[SPEC]", required=False,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @overrides_argument
