@@ -28,6 +28,7 @@ from benchmarks import (
     launches,
     loader,
     memory,
+    packing,
     reference_step,
     step_time,
     submission,
@@ -77,6 +78,7 @@ def run_all(quick: bool, only: set[str] | None, console: Console) -> list[Row]:
         ("9", "bf16 inner passes", lambda: ascent_sign.run_bf16(quick)),
         ("10", "launches, host reads and host time per step (rows 10-12)", lambda: launches.run(quick)),
         ("13", "compiled AS step", lambda: [compiled.run(quick)]),
+        ("14", "packed quickstart sweep", lambda: [packing.run(quick)]),
     ]
     for key, title, fn in plan:
         if only and key not in only:
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and samples (< 2 min)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
-    parser.add_argument("--only", nargs="+", metavar="N", choices=[str(n) for n in (*range(1, 11), 13)],
+    parser.add_argument("--only", nargs="+", metavar="N", choices=[str(n) for n in (*range(1, 11), 13, 14)],
                         help="run only these rows (1-10, 13; 10 runs rows 10-12)")
     parser.add_argument("--gpu", action="store_true",
                         help="instead: the GPU smoke test and GPU rows (G1-G4; < 10 min on one H100)")

@@ -92,6 +92,8 @@ def _why(skipped: dict[str, str]) -> str:
 def _print_dry_run(console, sweep, manifest) -> None:
     from rich.table import Table
 
+    from asbatch.launch.plan import packing_lines
+
     runs = Table(title=f"{sweep.name}: runs (dry run: nothing submitted)")
     for col in ("stage", "run", "grid point", "after", "action"):
         runs.add_column(col, overflow="fold", no_wrap=col == "run")
@@ -114,6 +116,9 @@ def _print_dry_run(console, sweep, manifest) -> None:
                       f"({sub.executor} executor)")
         for flag in sub.flags:
             console.print(f"    {flag}", soft_wrap=True, markup=False, highlight=False)
+        if sub.executor == "slurm":
+            for line in packing_lines(sub.stage, sub.runs):
+                console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
     local = [run_id for sub in manifest.submitted if sub.executor != "slurm" for run_id in sub.run_ids]
     if local:
         where = "in one background process" if manifest.submitted[0].executor == "local" else "in this process"

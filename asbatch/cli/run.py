@@ -31,6 +31,7 @@ class StopSignals:
 
     def __init__(self, speak: bool) -> None:
         self.count, self.speak, self.first = 0, speak, signal.SIGINT
+        self.on_force: list = []  # called before a second signal ends the process (the workers' kill)
 
     def install(self) -> StopSignals:
         for signum in SIGNAL_NAMES:
@@ -46,6 +47,8 @@ class StopSignals:
         name = SIGNAL_NAMES[signum]
         if self.count > 1:
             self._say(f"\n{name} again: stopped at once; the run resumes from its newest checkpoint")
+            for force in self.on_force:
+                force()
             os._exit(self.exit_code)
         self.first = signum
         self._say(f"\n{name}: stopping after the current step and saving a checkpoint ({name} again stops at once)")
@@ -66,12 +69,15 @@ class StopSignals:
         return self.count > 0
 
 
-@main.command("run", short_help="Train a spec's runs in this process (Ctrl-C stops, rerun resumes).")
+@main.command("run", short_help="Train a spec's runs on this machine (Ctrl-C stops, rerun resumes).")
 @spec_argument("CONFIG_OR_SPEC")
 @overrides_argument
 @runs_root_option
 @click.option("--stage", "stages", multiple=True, help="only these stages (default: all, in order)")
-def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, stages: tuple[str, ...]) -> None:
+@click.option("--jobs", "-j", type=click.IntRange(1, 4096), default=None,
+              help="train up to this many runs at once, each in its own process (default: fill the machine)")
+def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, stages: tuple[str, ...],
+                jobs: int | None) -> None:
     """Train every run of a spec (or one run's config) in this process, stage by stage.
 
     OVERRIDES are KEY=VALUE with a dotted RunConfig path: `schedule.epochs=2` sets it for every run,
@@ -80,8 +86,13 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
     checkpoint (exit 130; 143, 129; run the same command to resume); a second signal stops at once. The
     profile's env (e.g. OMP_NUM_THREADS) applies here as in a submitted job, so `run` and `submit` give the
     same results. Under torchrun / srun every process runs this command and the runs train with DDP.
+
+    --jobs K trains up to K runs at once, each in its own worker process with its share of the CPUs (or of
+    the GPUs); the results are the same as one by one. The default fills the machine: CPU cores divided by
+    the profile's threads per run (OMP_NUM_THREADS), or one run per GPU times the stage's runs_per_task.
+    --jobs 1 trains them one after another in this process.
     """
-    from asbatch.launch.task import export_distributed_env
+    from asbatch.launch.task import export_distributed_env, release_process_group
 
     export_distributed_env()  # `srun -n N asbatch run SPEC`: one DDP run of N ranks, not N rank-0 runs
     sweep, selected, _ = load_sweep_or_exit(spec_path, stages, runs_root, overrides)  # before torch is imported
@@ -100,7 +111,15 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
         click.echo(f"{sweep.name}: {count(len(runs), 'run')} in "
                    f"{', '.join(s.name for s in selected)}{given} -> {runs_root / sweep.name}; Ctrl-C stops after the "
                    "current step")
+    jobs = min(jobs or _default_jobs(sweep, selected, runs), max(1, len(runs)))
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        error_line(f"--jobs {jobs}: under torchrun / srun every process trains the same run with DDP; use --jobs 1", 2)
     stop = StopSignals(speak=main_rank).install()
+    if jobs > 1:
+        from asbatch.cli.packed import run_packed
+
+        _print_table(sweep.name, run_packed(sweep, selected, runs_root, jobs, stop), runs_root)
+        return
     from asbatch.train import TrainingInterrupted, train
 
     results = []
@@ -114,19 +133,24 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
             except TrainingInterrupted as err:
                 _interrupted(f"{run.run_id} {stop.what} at {err.where}; checkpoint saved", stop.exit_code)
     finally:
-        _release_process_group()
+        release_process_group()
     if main_rank:
         _print_table(sweep.name, results, runs_root)
 
 
-def _release_process_group() -> None:
-    """Several ranks: tear the process group down while the interpreter is alive. Left to the interpreter's
-    exit, gloo's threads now and then abort the process ("terminate called without an active exception",
-    SIGABRT) after a finished or failed run. Every rank gets here after its last collective."""
-    import torch.distributed as dist
+def _default_jobs(sweep, selected, runs) -> int:
+    """Fill the machine: one run per GPU (times the stages' runs_per_task) where the runs use GPUs, else CPU
+    cores divided by the profile's threads per run."""
+    from asbatch.launch.environment import THREADS_ENV
+    from asbatch.launch.pack import default_cpu_jobs, visible_gpus
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or len(runs) < 2:
+        return 1
+    gpus = visible_gpus() if any(not run.config.cpu for run in runs) else []
+    if gpus:
+        return len(gpus) * max(stage.resources.runs_per_task for stage in selected)
+    threads = sweep.env.get(THREADS_ENV, "")
+    return default_cpu_jobs(int(threads) if threads.isdigit() and int(threads) > 0 else None)
 
 
 def _interrupted(what: str, code: int) -> None:

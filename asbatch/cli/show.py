@@ -34,6 +34,11 @@ def show_command(spec_path: Path, overrides: tuple[str, ...], run_id: str | None
                  f"{'has' if not runs else 'starts with'} that id (runs: {known})", 2)
     given = f"; overrides: {', '.join(f'{k}={v!r}' for k, v in mapped.items())}" if mapped else ""
     click.echo(f"# sweep {sweep.name} from {spec_path}: {count(len(runs), 'run')}{given}")
+    if run_id is None:
+        from asbatch.launch.plan import packing_lines
+
+        for stage in selected:  # on Slurm (`asbatch run --jobs` trains them as many at once as fit)
+            click.echo("".join(f"# {line}\n" for line in packing_lines(stage)), nl=False)
     for i, (stage, run) in enumerate(runs):
         after = ", ".join(run.upstream.values()) or "-"
         click.echo(("---\n" if i else "") + f"# run {run.run_id}  stage {stage.name}  grid point: "

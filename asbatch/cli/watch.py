@@ -177,6 +177,15 @@ def wait_command(sweep: str, poll: float, timeout: float | None, runs_root: Path
                f"{root_flag(runs_root)}")
 
 
+def _timestamp(iso: str) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return float("inf")
+
+
 @main.command("logs", short_help="Print a run's output (stdout or stderr).")
 @click.argument("run_id", shell_complete=complete_runs)
 @click.option("--sweep", help="the run's sweep (default: search every sweep under the runs root)")
@@ -216,11 +225,12 @@ def logs_command(run_id: str, sweep: str | None, stderr: bool, task: int, runs_r
         fail(f"run {run_id} was trained in-process by {how}: its output went to that terminal; its per-epoch "
              f"metrics are in {run_dir.metrics_file}", 1)
     own = run_dir.stderr_log if stderr else run_dir.stdout_log
-    if record.executor == "local" and own.exists():
+    out, err = sweep_dir.job_logs(record.job_id, task, record.executor)
+    path = err if stderr else out
+    # its own log where its job's log mixes several runs (the local executor, a packed task): written since
+    # this submission (an older attempt's own log is not this job's)
+    if own.exists() and (record.executor == "local" or own.stat().st_mtime >= _timestamp(record.submitted_at)):
         path = own
-    else:
-        out, err = sweep_dir.job_logs(record.job_id, task, record.executor)
-        path = err if stderr else out
     if not path.exists():
         fail(f"no log yet at {path} (job {record.job_id} has not started?)", 1)
     click.echo(f"==> {path} <==", err=True)

@@ -10,8 +10,9 @@
 
 from asbatch.launch.errors import DamagedStateError, LaunchError, UnmetUpstreamError
 from asbatch.launch.manifest import ArrayRecord, Manifest, SubmissionRecord
+from asbatch.launch.plan import StageSubmission
 from asbatch.launch.status import RunStatus, SweepStatus, sweep_status, wait_for_sweep
-from asbatch.launch.submit import StageSubmission, cancel, resolve_executor, retry, submit
+from asbatch.launch.submit import cancel, resolve_executor, retry, submit
 from asbatch.launch.task import MAX_REQUEUES, SequentialTask, TrainTask, export_distributed_env
 
 __all__ = [

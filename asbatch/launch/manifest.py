@@ -28,7 +28,7 @@ from asbatch.names import RUN_ID
 from asbatch.rundir import RunDirError, SweepDir, read_json
 
 if TYPE_CHECKING:
-    from asbatch.launch.submit import StageSubmission
+    from asbatch.launch.plan import StageSubmission
 
 JOB_ID = r"^(\d+(_\d+)?|DEBUG_\d+)$"  # a Slurm job / array task, a local executor's pid, a debug job
 DEPENDENCY = r"^(afterok|aftercorr)(:\d+(_\d+)?)+$"  # what asbatch writes into --dependency
@@ -109,6 +109,7 @@ class IntentRecord(_Record):
     dependency: str | None = Field(None, pattern=DEPENDENCY)  # the array's own, at sbatch
     since: str
     runs: list[PlannedRun]
+    runs_per_task: int = Field(1, ge=1)  # packed runs share a task
 
     def fulfil(self, array_id: str, job_ids: list[str], narrowed: bool = True) -> tuple[ArrayRecord,
                                                                                       list[SubmissionRecord]]:
@@ -116,7 +117,7 @@ class IntentRecord(_Record):
         whole upstream arrays (a kill came before their narrowing), so no run records a dependency of its own."""
         array = ArrayRecord(stage=self.stage, executor=self.executor, array_job_id=array_id, dependency=self.dependency,
                             run_ids=[r.run_id for r in self.runs], submitted_at=self.since, log_dir=self.log_dir)
-        keep = narrowed or len(self.runs) == 1 or not (self.dependency or "").startswith("afterok")
+        keep = narrowed or len(self.runs) <= self.runs_per_task or not (self.dependency or "").startswith("afterok")
         return array, [SubmissionRecord(**{**r.model_dump(), "dependency": r.dependency if keep else None},
                                         job_id=job, array_job_id=array_id) for r, job in zip(self.runs, job_ids,
                                                                                              strict=True)]
@@ -132,8 +133,9 @@ def _resolve(intent: IntentRecord, known: set[str]) -> tuple[ArrayRecord, list[S
     arrays = sorted(set(found) - known, key=int)
     if not arrays:
         return False
-    single = len(intent.runs) == 1
-    return intent.fulfil(arrays[0], [arrays[0] if single else f"{arrays[0]}_{i}" for i in range(len(intent.runs))],
+    k = intent.runs_per_task
+    single = len(intent.runs) <= k
+    return intent.fulfil(arrays[0], [arrays[0] if single else f"{arrays[0]}_{i // k}" for i in range(len(intent.runs))],
                          narrowed=False)
 
 
@@ -202,7 +204,8 @@ class Manifest:
         """A planned array's intent record (on Slurm saved before sbatch: see the module docstring)."""
         at = now()
         return IntentRecord(stage=plan.name, executor=plan.executor, job_name=plan.parameters["name"],
-                            log_dir=plan.log_dir, dependency=plan.dependency, since=at, runs=[PlannedRun(
+                            log_dir=plan.log_dir, dependency=plan.dependency, since=at,
+                            runs_per_task=plan.runs_per_task, runs=[PlannedRun(
             run_id=r.run_id, stage=plan.name, executor=plan.executor, config=r.config.to_dict(), upstream=r.upstream,
             run_dir=str(self.sweep_dir.run(r.run_id).path), wandb_id=r.run_id, submitted_at=at,
             dependency=plan.run_dependencies.get(r.run_id), overrides=self.overrides) for r in plan.runs])

@@ -73,7 +73,8 @@ def executor_parameters(sweep: str, stage: SweepStage, env: dict[str, str], depe
     if kind != "slurm":
         params["timeout_min"] = r.timeout_min * max(1, num_runs or len(stage.runs))
         return params
-    params.update(nodes=r.nodes, tasks_per_node=max(1, r.gpus_per_node), cpus_per_task=r.cpus_per_task,
+    packed = r.runs_per_task > 1  # one task whose PackTask starts a worker per run (not one rank per GPU)
+    params.update(nodes=r.nodes, tasks_per_node=1 if packed else max(1, r.gpus_per_node), cpus_per_task=r.cpus_per_task,
                   slurm_signal_delay_s=signal_delay_s(r), slurm_array_parallelism=r.array_parallelism,
                   # a rank that dies (an error, a signal) ends the step: the others must not wait in a
                   # collective until its timeout (10 min on NCCL, 30 on gloo)

@@ -5,10 +5,13 @@
     sweep_status("runs/quickstart").runs            # state, epoch, test accuracy per run
     cancel("runs/quickstart"); retry("runs/quickstart")
 
+Planning (which runs, after what) is `asbatch.launch.plan`. A stage with `runs_per_task: K` packs K runs
+into each array task (`PackTask`: one worker process per run).
+
 Executors: `slurm` (sbatch through submitit), `local` (one background process that trains the runs stage
-by stage; returns at once), `debug` (in this process, before `submit` returns), `auto` (slurm where
-`sbatch` is on PATH, else local). A stage with a single run is a plain job (`<job>`, not `<array>_0`):
-submitit submits one run without `--array`.
+by stage, as many at once as the machine's cores allow; returns at once), `debug` (in this process, before
+`submit` returns), `auto` (slurm where `sbatch` is on PATH, else local). A stage with a single array task is
+a plain job (`<job>`, not `<array>_0`): submitit submits one task without `--array`.
 
 Dependencies are per run, so one failed upstream run blocks only the runs that need it. Where task i of a
 stage waits for task i of one upstream array (the same grid), the array is `aftercorr` that array.
@@ -28,52 +31,30 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from asbatch.launch.errors import DamagedStateError, LaunchError, UnmetUpstreamError
+from asbatch.launch.errors import DamagedStateError, LaunchError
 from asbatch.launch.manifest import IntentRecord, Manifest
+from asbatch.launch.pack import local_jobs
+from asbatch.launch.plan import (
+    StageSubmission,
+    aftercorr,
+    array_dependency,
+    plan_stages,
+    run_dependencies,
+    task_dependency,
+)
 from asbatch.launch.runlog import detached_output
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
 from asbatch.launch.status import RunStatus, run_statuses, sweep_status
-from asbatch.launch.task import SequentialTask, TrainTask
+from asbatch.launch.task import PackTask, SequentialTask, TrainTask
 from asbatch.names import EXECUTORS, point_label
 from asbatch.rundir import SweepDir
 from asbatch.spec import SpecError, Sweep, SweepRun, SweepStage
 from asbatch.spec.loading import CONTROL, is_utf8
-
-
-@dataclass
-class StageSubmission:
-    """One stage's share of a submit call: what it submits (or, in a dry run, would), after what, and why
-    other runs of the stage are skipped. `parameters` (submitit's) are built once, when it is submitted."""
-
-    stage: SweepStage
-    executor: str
-    runs: list[SweepRun]
-    log_dir: str
-    skipped: dict[str, str] = field(default_factory=dict)  # run id -> why it was not submitted
-    upstream_jobs: set[str] = field(default_factory=set)   # still-queued upstream tasks of older arrays
-    upstream_stages: set[str] = field(default_factory=set)  # upstream stages submitted in this call
-    waits_for: dict[str, list[str]] = field(default_factory=dict)  # run id -> its unfinished upstream run ids
-    run_dependencies: dict[str, str] = field(default_factory=dict)  # run id -> its own `afterok:...` ('' none)
-    stale_jobs: list[str] = field(default_factory=list)     # old tasks of these runs that can never start
-    parameters: dict[str, Any] = field(default_factory=dict)
-    flags: list[str] = field(default_factory=list)
-    dependency: str | None = None
-    array_job_id: str | None = None
-    job_ids: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.stage.name
-
-    @property
-    def run_ids(self) -> list[str]:
-        return [r.run_id for r in self.runs]
 
 
 def _upstream_dirs(run_: SweepRun, sweep_dir: SweepDir) -> list[str]:
@@ -90,89 +71,11 @@ def resolve_executor(kind: str) -> str:
     return kind
 
 
-def _plan(sweep: Sweep, sweep_dir: SweepDir, kind: str, status: dict[str, RunStatus],
-          stages: Sequence[SweepStage], only: set[str] | None) -> list[StageSubmission]:
-    finished = {run.run_id for run in sweep.runs if sweep_dir.run(run.run_id).is_finished()}
-    plans: list[StageSubmission] = []
-    submitted_now: dict[str, set[str]] = {}
-    for stage in stages:
-        plan = StageSubmission(stage, kind, [], str(sweep_dir.log_dir))
-        for run_ in stage.runs:
-            if only is not None and run_.run_id not in only:
-                continue
-            st = status.get(run_.run_id)
-            if run_.run_id in finished:
-                plan.skipped[run_.run_id] = f"finished ({sweep_dir.run(run_.run_id).results_file.name})"
-                continue
-            if st is not None and st.active:
-                plan.skipped[run_.run_id] = f"already queued as {st.job_id} ({st.state})"
-                continue
-            for up_stage, up_id in run_.upstream.items():
-                _add_upstream(plan, kind, stage, run_, up_stage, up_id, finished, submitted_now, status)
-            if st is not None and st.blocked:
-                plan.stale_jobs.append(st.job_id)
-            plan.runs.append(run_)
-        submitted_now[stage.name] = set(plan.run_ids)
-        plans.append(plan)
-    return plans
-
-
-def _add_upstream(plan: StageSubmission, kind: str, stage: SweepStage, run_: SweepRun, up_stage: str, up_id: str,
-                  finished: set[str], submitted_now: dict[str, set[str]], status: dict[str, RunStatus]) -> None:
-    """Record what `run_` must wait for in stage `up_stage`; an upstream run that is neither finished nor
-    queued nor submitted now is an error."""
-    up = status.get(up_id)
-    if up_id in finished:
-        return
-    plan.waits_for.setdefault(run_.run_id, []).append(up_id)
-    if up_id in submitted_now.get(up_stage, set()):
-        plan.upstream_stages.add(up_stage)
-    elif up is not None and up.active and up.executor == "slurm" and kind == "slurm":
-        plan.upstream_jobs.add(up.job_id)
-    elif up is not None and up.active:
-        raise LaunchError(f"stage {stage.name}: upstream run {up_id} ({up_stage}) is still running "
-                          f"under the {up.executor} executor; wait for it, then submit again")
-    else:
-        raise UnmetUpstreamError(f"stage {stage.name}: run {run_.run_id} needs run {up_id} of stage "
-                          f"{up_stage!r}, which has not finished and is not queued; submit stage {up_stage!r} too")
-
-
-def _job_order(job: str) -> list[int]:
-    return [int(x) for x in job.split("_")]
-
-
-def _dependency(plan: StageSubmission, arrays: dict[str, str]) -> str | None:
-    """The array's dependency at sbatch time: the whole upstream arrays (refined per task after it)."""
-    ids = [arrays[s] for s in plan.stage.after if s in plan.upstream_stages and s in arrays]
-    ids += sorted(plan.upstream_jobs, key=_job_order)
-    return f"afterok:{':'.join(ids)}" if ids else None
-
-
-def _run_dependencies(plan: StageSubmission, job_of: dict[str, str], status: dict[str, RunStatus]) -> None:
-    """Each run's own dependency: `afterok` the tasks of its unfinished upstream runs ('' when none)."""
-    for run_ in plan.runs:
-        jobs = {job_of.get(up) or status[up].job_id for up in plan.waits_for.get(run_.run_id, [])}
-        plan.run_dependencies[run_.run_id] = f"afterok:{':'.join(sorted(jobs, key=_job_order))}" if jobs else ""
-
-
-def _aftercorr(plan: StageSubmission, job_of: dict[str, str]) -> str | None:
-    """`aftercorr:<array>` when task i of the stage waits for exactly task i of one array submitted now."""
-    if plan.upstream_jobs or len(plan.runs) < 2:
-        return None
-    waits = [plan.waits_for.get(r.run_id, []) for r in plan.runs]
-    if any(len(w) != 1 or w[0] not in job_of for w in waits):
-        return None
-    tasks = [job_of[w[0]] for w in waits]
-    arrays = {t.split("_")[0] for t in tasks}
-    aligned = all(t == f"{next(iter(arrays))}_{i}" for i, t in enumerate(tasks))
-    return f"aftercorr:{arrays.pop()}" if len(arrays) == 1 and aligned else None
-
-
 def _set_task_dependencies(plan: StageSubmission) -> None:
-    """Narrow each task's dependency from the whole upstream arrays to its own upstream runs' tasks."""
+    """Narrow each task's dependency from the whole upstream arrays to its own runs' upstream tasks."""
     groups: dict[str, list[str]] = {}
-    for run_, job_id in zip(plan.runs, plan.job_ids, strict=True):
-        own = plan.run_dependencies[run_.run_id]
+    for group, job_id in zip(plan.packs, plan.task_ids, strict=True):
+        own = task_dependency(plan, group)
         if "_" in job_id and own != (plan.dependency or ""):
             groups.setdefault(own, []).append(job_id.split("_")[1])
     for dependency, tasks in groups.items():
@@ -190,7 +93,7 @@ def _describe(plan: StageSubmission, sweep: Sweep, dependency: str | None) -> No
     plan.parameters = executor_parameters(sweep.name, plan.stage, sweep.env, dependency, plan.executor,
                                           len(plan.runs))
     if plan.executor == "slurm":
-        plan.flags = sbatch_flags(plan.parameters, len(plan.runs), Path(plan.log_dir))
+        plan.flags = sbatch_flags(plan.parameters, len(plan.packs), Path(plan.log_dir))
 
 
 def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: Sequence[str] | None = None,
@@ -212,7 +115,8 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
         return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True)
     # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
     # whose upstream is neither finished nor queued) fails here, with nothing written
-    _plan(sweep, sweep_dir, kind, run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0], selected, only)
+    status = run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0]
+    plan_stages(sweep, sweep_dir, kind, status, selected, only)
     created = [p for p in (sweep_dir.path, sweep_dir.path.parent) if not p.exists()]  # innermost first
     _make_runs_root(sweep_dir.path.parent)
     try:
@@ -262,15 +166,16 @@ def _make_runs_root(root: Path) -> None:
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
                    only: set[str] | None, dry_run: bool) -> Manifest:
     status, _ = run_statuses(manifest)
-    plans = _plan(sweep, sweep_dir, kind, status, stages, only)
+    plans = plan_stages(sweep, sweep_dir, kind, status, stages, only)
     manifest.dry_run, manifest.submitted = dry_run, plans
     if dry_run:
         job_of: dict[str, str] = {}  # what the real submission would number them
         for plan in plans:
             placeholders = {s: f"<{s} array>" for s in plan.upstream_stages}
-            dependency = _aftercorr(plan, job_of) or _dependency(plan, placeholders) if kind == "slurm" else None
+            dependency = aftercorr(plan, job_of) or array_dependency(plan, placeholders) if kind == "slurm" else None
             _describe(plan, sweep, dependency)
-            job_of.update({r.run_id: f"<{plan.name} array>_{i}" for i, r in enumerate(plan.runs)})
+            job_of.update(zip(plan.run_ids, plan.task_of([f"<{plan.name} array>_{i}" for i in range(len(plan.packs))]),
+                              strict=True))
         return manifest
     if not any(p.runs for p in plans):
         return manifest
@@ -304,21 +209,20 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
         for plan in plans:
             if not plan.runs:
                 continue
-            _run_dependencies(plan, job_of, status)
-            single = len(plan.runs) == 1  # a plain job: its own dependency goes straight into the script
-            own = plan.run_dependencies[plan.runs[0].run_id] or None
-            corresponding = _aftercorr(plan, job_of)
-            _describe(plan, sweep, own if single else corresponding or _dependency(plan, arrays))
+            run_dependencies(plan, job_of, status)
+            single = len(plan.packs) == 1  # a plain job: its own dependency goes straight into the script
+            own = task_dependency(plan, plan.runs) or None
+            corresponding = aftercorr(plan, job_of)
+            _describe(plan, sweep, own if single else corresponding or array_dependency(plan, arrays))
             manifest.intents.append(intent := manifest.intend(plan))
             manifest.save()  # before sbatch: the jobs of a submit killed after it are still found
             ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster="slurm")
             ex.update_parameters(**plan.parameters)
-            tasks = [TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir),
-                               label=point_label(r.point)) for r in plan.runs]
             # sbatch runs when the batch closes; its error goes into the LaunchError, not a second line on stderr
             with contextlib.redirect_stderr(io.StringIO()), ex.batch():
-                jobs = [ex.submit(task) for task in tasks]
-            job_ids = [job.job_id for job in jobs]
+                jobs = [ex.submit(task) for task in _callables(plan, sweep_dir)]
+            plan.task_ids = [job.job_id for job in jobs]
+            job_ids = plan.task_of(plan.task_ids)
             _kill_point(len(arrays) + 1)
             arrays[plan.name] = job_ids[0].split("_")[0]
             job_of.update(zip(plan.run_ids, job_ids, strict=True))
@@ -341,6 +245,18 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
         done = ", ".join(f"{s}: {a}" for s, a in arrays.items()) or "nothing"
         raise LaunchError(f"sbatch failed for stage {plan.name!r}: {str(detail).strip()} "
                           f"(submitted before the failure: {done})") from err
+
+
+def _callables(plan: StageSubmission, sweep_dir: SweepDir) -> list[TrainTask | PackTask]:
+    """One TrainTask per run, or one PackTask per `runs_per_task` runs."""
+    def one(r: SweepRun) -> TrainTask:
+        return TrainTask(r.config.to_dict(), sweep_dir.run(r.run_id).path, upstream=_upstream_dirs(r, sweep_dir),
+                         label=point_label(r.point))
+
+    if plan.runs_per_task == 1:
+        return [one(r) for r in plan.runs]
+    res = plan.stage.resources
+    return [PackTask([one(r) for r in group], gpus=res.gpus_per_node, mps=res.mps) for group in plan.packs]
 
 
 def _pending_files(sweep_dir: SweepDir) -> set[Path]:
@@ -366,8 +282,9 @@ def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: M
     ex = submitit.AutoExecutor(folder=sweep_dir.job_folder_of(kind), cluster=kind)
     first = next(p for p in plans if p.runs)
     ex.update_parameters(name=f"{sweep.name}:{first.name}", timeout_min=timeout)
+    jobs, threads = local_jobs(sweep.env, len(items)) if kind == "local" else (1, None)
     with detached_output() if kind == "local" else contextlib.nullcontext():
-        job = ex.submit(SequentialTask(items))
+        job = ex.submit(SequentialTask(items, jobs=jobs, threads=threads))
     for plan in plans:
         if plan.runs:
             _record(manifest, plan, manifest.intend(plan), [str(job.job_id)] * len(plan.runs), str(job.job_id))

@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -122,6 +123,15 @@ def _first_node(nodelist: str) -> str:
     return names[0] if names else socket.gethostname()
 
 
+def release_process_group() -> None:
+    """Several ranks: tear the process group down while the interpreter is alive. Left to the interpreter's
+    exit, gloo's threads now and then abort the process ("terminate called without an active exception",
+    SIGABRT) after a finished or failed run. Every rank gets here after its last collective."""
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing to release
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _task_job_id() -> str | None:
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
@@ -141,18 +151,19 @@ def count_requeue(run_dir: RunDir, step: int | None, via: str) -> int | None:
     return record["count"]
 
 
-def _requeue_self(run_dir: RunDir, step: int) -> str:
-    """rank 0 after every rank saved: count, then `scontrol requeue` this task. Returns what was done."""
+def _requeue_self(stopped: Sequence[tuple[RunDir, int | None]]) -> str:
+    """rank 0 after every rank (and every packed run) saved: count a requeue for each stopped run, then
+    `scontrol requeue` this task once. Returns what was done."""
     job = os.environ.get("SLURM_JOB_ID")
     if job is None:
         return "not under Slurm: not requeued; submit again to resume"
-    count = count_requeue(run_dir, step, "scontrol requeue")
-    if count is None:
+    counts = [count_requeue(run_dir, step, "scontrol requeue") for run_dir, step in stopped]
+    if None in counts:
         return f"requeued {MAX_REQUEUES} times already: not requeued; `asbatch retry` resumes it"
     proc = run(["scontrol", "requeue", job])
     if proc.returncode != 0:
         return f"`scontrol requeue {job}` failed: {(proc.stderr or proc.stdout).strip()}"
-    return f"requeued job {job} ({count}/{MAX_REQUEUES})"
+    return f"requeued job {job} ({max(counts)}/{MAX_REQUEUES})"
 
 
 class TrainTask:
@@ -177,42 +188,57 @@ class TrainTask:
         self.env = dict(env or {})  # only given where no job script exports it (local / debug)
         self.label = label          # the run's grid point, for its progress lines
         self.upstream = list(upstream or [])  # run dirs of the runs this one runs after
+        self.own_log = False        # tee its output into its run dir (several runs share the job's log)
+        self.wait_if_busy = True    # another process trains the run: wait as its standby (False: fail)
 
-    def __call__(self) -> dict[str, Any]:
+    @property
+    def run_id(self) -> str:
+        return Path(self.run_dir).name
+
+    def train(self, stop: StopRequest) -> dict[str, Any]:
+        """Train the run (in this process, with the environment already set), stopping when `stop` is set."""
         unfinished = [Path(u).name for u in self.upstream if not RunDir(u).is_finished()]
         if unfinished:  # Slurm drops a dependency on an array task cancelled before it started
             message = (f"upstream run {', '.join(unfinished)} has not finished, yet this run was started (its "
                        "upstream task was cancelled before it ran?); `asbatch retry` resubmits both")
             RunDir(self.run_dir).write_failure(f"RuntimeError: {message}")
             raise RuntimeError(message)
+        from asbatch.config import RunConfig
+        from asbatch.train import train
+
+        config = RunConfig.model_validate(self.config)
+        if getattr(self, "wait_if_busy", True):
+            return self._train_when_free(config, stop)
+        return train(config, self.run_dir, should_stop=stop.is_set, label=self.label)
+
+    def __call__(self) -> dict[str, Any]:
         stop = StopRequest().install([signal.SIGUSR2, signal.SIGTERM])
         apply_profile_env(self.env)
         export_distributed_env()
-        from asbatch.config import RunConfig
         from asbatch.train import TrainingInterrupted
 
-        config = RunConfig.model_validate(self.config)
         in_job = os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
         try:
-            return self._train_when_free(config, stop)
+            return self.train(stop)
         except TrainingInterrupted as err:
             name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
             warned = stop.signum == signal.SIGUSR2
             if warned and _rank() == 0:
-                done = _requeue_self(RunDir(self.run_dir), err.step)
+                done = _requeue_self([(RunDir(self.run_dir), err.step)])
             elif warned:
                 done = "rank 0 requeues the task"
             else:
                 done = "not requeued by the task (Slurm ends or requeues it)"
-            print(f"[asbatch] {config.run_id}: {name} -> checkpoint at step {err.step}; {done}", flush=True)
+            print(f"[asbatch] {self.run_id}: {name} -> checkpoint at step {err.step}; {done}", flush=True)
             if warned and _rank() == 0 and not done.startswith("requeued job") and os.environ.get("SLURM_JOB_ID"):
                 # the job ends without a requeue: `asbatch status` must say why, not "failed before it could say"
                 RunDir(self.run_dir).write_failure(f"NotRequeued: stopped at step {err.step} ({name}); {done}")
             if warned and (_rank() != 0 or done.startswith("requeued job")):
                 stop.wait_for_term(60)  # let the requeue end the step: no rank should look failed first
             # SystemExit is not an Exception: submitit writes no result, the job is not done
-            raise SystemExit(f"[asbatch] {config.run_id} stopped at step {err.step} ({name}); {done}") from None
+            raise SystemExit(f"[asbatch] {self.run_id} stopped at step {err.step} ({name}); {done}") from None
         finally:
+            release_process_group()
             stop.uninstall(in_job)
 
     def _train_when_free(self, config, stop: StopRequest) -> dict[str, Any]:
@@ -245,16 +271,27 @@ class TrainTask:
 
 
 class SequentialTask:
-    """The local and debug executors' callable: train runs one after another, in stage order.
+    """The local and debug executors' callable: train the runs in stage order, up to `jobs` at once.
 
-    A run whose upstream run did not finish is not started (Slurm's `afterok`). Raises at the end when any
-    run failed, so the job's result says so; finished runs stay finished.
+    `jobs` 1 (the debug executor) trains them one after another in this process; more train in worker
+    processes (`asbatch.launch.pack`), each with its share of the CPUs. A run whose upstream run did not
+    finish is not started (Slurm's `afterok`). Raises at the end when any run failed, so the job's result says
+    so; finished runs stay finished. SIGTERM (`asbatch cancel`) checkpoints every active run.
     """
 
-    def __init__(self, items: list[tuple[TrainTask, list[str]]]):
+    def __init__(self, items: list[tuple[TrainTask, list[str]]], jobs: int = 1, threads: int | None = None):
         self.items = items  # (task, run dirs of its upstream runs)
+        self.jobs, self.threads = jobs, threads
 
     def __call__(self) -> dict[str, str]:
+        outcome = self._in_workers() if getattr(self, "jobs", 1) > 1 else self._in_process()
+        print(json.dumps(outcome, indent=1), flush=True)
+        failed = {k: v for k, v in outcome.items() if v != "COMPLETED"}
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(outcome)} runs did not finish: {failed}")
+        return outcome
+
+    def _in_process(self) -> dict[str, str]:
         outcome: dict[str, str] = {}
         for task, upstream in self.items:
             name = Path(task.run_dir).name
@@ -269,11 +306,86 @@ class SequentialTask:
                 except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
                     traceback.print_exc()
                     outcome[name] = f"FAILED: {type(err).__name__}: {err}"
-        print(json.dumps(outcome, indent=1), flush=True)
-        failed = {k: v for k, v in outcome.items() if v != "COMPLETED"}
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(outcome)} runs did not finish: {failed}")
         return outcome
+
+    def _in_workers(self) -> dict[str, str]:
+        from asbatch.launch.pack import NOT_RUN, PackStop, cpu_slots, train_packed
+
+        tasks = []
+        for task, upstream in self.items:
+            task.upstream, task.own_log = list(upstream), True
+            tasks.append(task)
+        stop = StopRequest().install([signal.SIGTERM, signal.SIGINT])
+        try:
+            outcomes = train_packed(tasks, cpu_slots(self.jobs, self.threads),
+                                    PackStop(stop.is_set, lambda: stop.signum), env=tasks[0].env if tasks else {})
+        finally:
+            stop.uninstall(in_job=False)
+        return {o.run_id: o.state if o.state == "COMPLETED" else
+                f"{'not run' if o.state == NOT_RUN else o.state}: {o.detail}" for o in outcomes}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self)
+
+
+class PackTask:
+    """The callable of an array task that trains several runs at once (`resources.runs_per_task`): one
+    worker process per run, the task's CPUs split between them, its one GPU shared (or one GPU each).
+
+    Each run keeps its own run dir, checkpoints, W&B id and failure record, and its output is teed into its
+    run dir (`asbatch logs RUN`). A run that fails does not stop its pack-mates, and the task ends well once
+    every run ended: a run downstream of a failed one finds its upstream unfinished and says so. USR2 (the
+    time-limit warning) and SIGTERM are forwarded to every worker; each checkpoints its run, then the task
+    requeues once (on USR2), as a single run's task does.
+    """
+
+    def __init__(self, tasks: list[TrainTask], gpus: int = 0, mps: bool = False):
+        self.tasks, self.gpus, self.mps = tasks, gpus, mps
+        for task in tasks:
+            task.own_log = True
+
+    def slots(self) -> list:
+        from asbatch.launch.pack import Slot, split_cpus
+
+        threads = os.environ.get("OMP_NUM_THREADS")  # the profile's, exported by the job script, wins
+        visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+        shares = split_cpus(len(self.tasks))
+        one_each = self.gpus > 1 and len(visible) >= len(self.tasks)
+        return [Slot(cpus=share, threads=int(threads) if threads and threads.isdigit() else
+                     (len(share) if share else None), gpu=visible[i] if one_each else None)
+                for i, share in enumerate(shares)]
+
+    def __call__(self) -> dict[str, str]:
+        from asbatch.launch.mps import mps_daemon
+        from asbatch.launch.pack import INTERRUPTED, PackStop, train_packed
+
+        stop = StopRequest().install([signal.SIGUSR2, signal.SIGTERM])
+        in_job = os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
+        try:
+            with mps_daemon() if self.mps else contextlib.nullcontext():
+                outcomes = train_packed(self.tasks, self.slots(), PackStop(stop.is_set, lambda: stop.signum))
+        finally:
+            stop.uninstall(in_job)
+        summary = {o.run_id: o.state + (f": {o.detail}" if o.detail else "") for o in outcomes}
+        print(json.dumps(summary, indent=1), flush=True)
+        stopped = [(RunDir(t.run_dir), o.step) for t, o in zip(self.tasks, outcomes, strict=True)
+                   if o.state == INTERRUPTED]
+        if not stopped:
+            return summary
+        name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+        warned = stop.signum == signal.SIGUSR2
+        done = _requeue_self(stopped) if warned else "not requeued by the task (Slurm ends or requeues it)"
+        print(f"[asbatch] {len(stopped)} packed runs: {name} -> checkpoints; {done}", flush=True)
+        if warned and not done.startswith("requeued job") and os.environ.get("SLURM_JOB_ID"):
+            for run_dir, step in stopped:
+                run_dir.write_failure(f"NotRequeued: stopped at step {step} ({name}); {done}")
+        if warned and done.startswith("requeued job"):
+            stop.wait_for_term(60)
+        raise SystemExit(f"[asbatch] {len(stopped)} packed runs stopped ({name}); {done}")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        counts = [count_requeue(RunDir(t.run_dir), None, "submitit checkpoint()") for t in self.tasks]
+        return None if None in counts else submitit.helpers.DelayedSubmission(self)
+
+    def __repr__(self) -> str:
+        return f"PackTask({', '.join(t.run_id for t in self.tasks)})"

@@ -209,9 +209,12 @@ class Resources(Strict):
                              description="'HH:MM:SS', 'D-HH:MM:SS' or minutes")
     constraint: SlurmToken | None = None
     array_parallelism: int = Field(64, ge=1, le=10_000, description="at most this many tasks of an array run at once")
+    runs_per_task: int = Field(1, ge=1, le=64, description="runs packed into one array task, trained at once")
+    mps: bool = Field(False, description="a job-private CUDA MPS daemon for the runs packed onto a GPU")
     extra: dict[ExtraFlag, ExtraValue] = Field(default_factory=dict, description="allow-listed sbatch flags")
 
-    @field_validator("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism", mode="before")
+    @field_validator("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism", "runs_per_task",
+                     mode="before")
     @classmethod
     def _numbers_only(cls, value: Any) -> Any:
         return _no_bool(value)
@@ -251,6 +254,21 @@ class Resources(Strict):
             raise ValueError(f"constraint {self.constraint!r}: a plain OR lets the {self.nodes} nodes of one run "
                              f"have different features (GPU models); write [{self.constraint}] so that all get "
                              "the same one")
+        return self._packing()
+
+    def _packing(self) -> Resources:
+        """Packed runs share one node's task: not a multi-node run, not a multi-GPU DDP run."""
+        k = self.runs_per_task
+        if k > 1 and self.nodes > 1:
+            raise ValueError(f"runs_per_task {k} with nodes {self.nodes}: packed runs share one node's task; a "
+                             "multi-node DDP run is not packed (set runs_per_task: 1, or nodes: 1)")
+        if k > 1 and self.gpus_per_node not in (0, 1, k):
+            raise ValueError(f"runs_per_task {k} with gpus_per_node {self.gpus_per_node}: packed runs share one GPU "
+                             f"(gpus_per_node: 1) or get one each (gpus_per_node: {k}); a multi-GPU DDP run is not "
+                             "packed")
+        if self.mps and (self.gpus_per_node == 0 or k == 1):
+            raise ValueError("mps: true needs GPUs (gpus_per_node >= 1) and packed runs (runs_per_task > 1): MPS lets "
+                             "the processes of several runs share a GPU at once")
         return self
 
     def updated(self, other: Resources) -> Resources:

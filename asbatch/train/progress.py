@@ -15,6 +15,7 @@ accuracies, images/s, elapsed and ETA, so `asbatch logs RUN` shows the training.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -59,7 +60,12 @@ def percent(value: float | None, decimals: int = 1) -> str:
 
 
 def is_terminal() -> bool:
+    """Whether stdout is a terminal that gets bars; ASBATCH_PROGRESS=lines asks for lines even there (several
+    runs at once share the terminal)."""
     from rich.console import Console
+
+    if os.environ.get("ASBATCH_PROGRESS") == "lines":
+        return False
 
     console = Console()
     return console.is_terminal or console.is_jupyter

@@ -1,0 +1,76 @@
+"""`asbatch run --jobs K`: several runs at once, each in its own worker process, with `run`'s promises kept.
+
+The same lines as one by one (each run's start, epoch and done lines carry its id), Ctrl-C / SIGTERM / SIGHUP
+checkpoint every active run and exit 130 / 143 / 129, a second signal stops at once (the workers too), the
+same command resumes. A run that fails does not stop the others: each failure is said as it happens, and
+the command ends with one `error:` line (exit 1) after the table of the runs that finished.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from asbatch.cli.app import error_line
+
+
+def run_packed(sweep, selected, runs_root: Path, jobs: int, stop) -> list[dict]:
+    """Train the selected stages' runs `jobs` at once; returns the finished runs' results in run order."""
+    from asbatch.launch.environment import THREADS_ENV
+    from asbatch.launch.pack import COMPLETED, FAILED, INTERRUPTED, PackStop, train_packed
+    from asbatch.launch.task import TrainTask
+    from asbatch.names import count, point_label
+
+    sweep_root = runs_root / sweep.name
+    runs = [run for stage in selected for run in stage.runs]
+    tasks = []
+    for run in runs:
+        task = TrainTask(run.config.to_dict(), sweep_root / run.run_id, label=point_label(run.point),
+                         upstream=[str(sweep_root / up) for up in run.upstream.values()])
+        task.wait_if_busy = False  # as one by one: a run another process trains is an error, said at once
+        tasks.append(task)
+    threads = sweep.env.get(THREADS_ENV, "")
+    threads_per_run = int(threads) if threads.isdigit() and int(threads) > 0 else None
+    slots = _slots(runs, jobs, threads_per_run)
+    click.echo(f"{count(len(slots), 'run')} at once, each in its own process ({'; '.join(s.describe() for s in slots)})"
+               "; --jobs 1 trains them one by one in this process")
+    pack_stop = PackStop(stop.is_set, lambda: stop.first if stop.is_set() else None)
+    stop.on_force.append(pack_stop.kill_workers)
+
+    def said(outcome) -> None:
+        if outcome.state == FAILED:
+            click.echo(f"{outcome.run_id} failed: {outcome.detail}", err=True)
+        elif outcome.state != COMPLETED and outcome.state != INTERRUPTED:
+            click.echo(f"{outcome.run_id} not run: {outcome.detail}", err=True)
+
+    outcomes = train_packed(tasks, slots, pack_stop, env=sweep.env, on_end=said)
+    stopped = [o for o in outcomes if o.state == INTERRUPTED]
+    if stopped or stop.is_set():
+        for outcome in stopped:
+            click.echo(f"{outcome.run_id} {stop.what} at {outcome.detail}; checkpoint saved", err=True)
+        click.echo(f"{sweep.name}: {stop.what}; run the same command to resume", err=True)
+        sys.exit(stop.exit_code)
+    failed = [o for o in outcomes if o.state != COMPLETED]
+    results = [o.results for o in outcomes if o.state == COMPLETED]
+    if failed:
+        from asbatch.cli.run import _print_table
+
+        _print_table(sweep.name, results, runs_root)
+        first = failed[0]
+        more = f" (and {count(len(failed) - 1, 'more run')}, said above)" if len(failed) > 1 else ""
+        error_line(f"{count(len(failed), 'run')} of {len(outcomes)} did not finish: {first.run_id}: {first.detail}"
+                   f"{more}", 1)
+    return results
+
+
+def _slots(runs, jobs: int, threads: int | None) -> list:
+    """On GPUs: the runs spread over the visible GPUs; else `jobs` CPU slots."""
+    from asbatch.launch.pack import cpu_slots, gpu_slots, visible_gpus
+
+    gpus = visible_gpus() if any(not run.config.cpu for run in runs) else []
+    if not gpus:
+        return cpu_slots(jobs, threads)
+    per_gpu = max(1, -(-jobs // len(gpus)))  # ceil: jobs spread over the GPUs
+    return gpu_slots(gpus, per_gpu, threads)[:jobs]
