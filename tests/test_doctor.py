@@ -155,8 +155,10 @@ def test_stages_are_checked_against_their_partitions_time_gpus_nodes_and_limits(
     assert facts["nowhere"].detail == "partition 'a100' does not exist (partitions: cpu, gpu, short, old)"
     assert facts["default"].status == OK and "on partition cpu" in facts["default"].detail
     small = stage_fact(sweep.stage("fits"), Site(site.parse_partitions(SINFO), 2, 1))
-    assert small.status == PROBLEM and small.detail.startswith(
-        "3 runs in one array, more than MaxArraySize 2; 3 runs, more than the 1 jobs you may have queued")
+    assert small.status == PROBLEM and small.detail == ("3 array tasks, more than the 1 jobs you may have queued "
+                                                        "(pack several runs per task: resources.runs_per_task)")
+    split = stage_fact(sweep.stage("fits"), Site(site.parse_partitions(SINFO), 2, None))
+    assert split.status == OK and split.detail.endswith("; split into 2 arrays (MaxArraySize 2)"), split.detail
 
 
 def test_data_missing_is_a_problem_and_built_in_data_is_fine(tmp_path, monkeypatch):

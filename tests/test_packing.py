@@ -223,16 +223,17 @@ def test_a_packed_stage_is_one_task_per_k_runs_with_one_process_each_and_the_dry
         local_slurm, tmp_path):
     from asbatch.launch.slurm import executor_parameters
 
-    spec = packed_spec(tmp_path / "spec.yaml", "dry", TINY, {"seed": [0, 1, 2]}, gpus_per_node=1, cpus_per_task=8)
-    stage = load_sweep(spec).stages[0]
-    params = executor_parameters("dry", stage, {})
+    gpus = packed_spec(tmp_path / "gpus.yaml", "dry", TINY, {"seed": [0, 1, 2]}, gpus_per_node=1, cpus_per_task=8)
+    params = executor_parameters("dry", load_sweep(gpus).stages[0], {})
     assert (params["tasks_per_node"], params["gpus_per_node"], params["cpus_per_task"]) == (1, 1, 8)
+    spec = packed_spec(tmp_path / "spec.yaml", "dry", TINY, {"seed": [0, 1, 2]})  # the local cluster has no GPUs
+    stage = load_sweep(spec).stages[0]
     result = CliRunner().invoke(main, ["submit", str(spec), "--dry-run", "--executor", "slurm", "--runs-root",
                                        str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "--array=0-1%2" in text and "--ntasks-per-node=1" in text, text
-    assert "stage train: 3 runs packed 2 per task -> 2 array tasks (8 CPUs split 2 ways; one GPU shared by 2;" in text
+    assert "stage train: 3 runs packed 2 per task -> 2 array tasks (2 CPUs split 2 ways; no GPU;" in text
     ids = [r.run_id for r in stage.runs]
     assert f"task 0: {ids[0]}, {ids[1]}" in text and f"task 1: {ids[2]}" in text
     shown = CliRunner().invoke(main, ["show", str(spec)])

@@ -273,16 +273,18 @@ def spec_facts(spec_path: Path, sweep, site: Site | None) -> list[Fact]:
 
 def stage_fact(stage, site: Site) -> Fact:
     """Whether a stage fits the cluster: its partition exists, its time limit, nodes and GPUs fit it, its
-    array is not larger than MaxArraySize nor than the user's submit limit."""
+    array tasks are not more than the user's submit limit (more than MaxArraySize are split, said as a note)."""
     from asbatch.launch.site import format_minutes
 
     r, name = stage.resources, f"stage {stage.name}"
     runs = len(stage.runs)
-    wrong = []
-    if site.max_array_size is not None and runs > site.max_array_size:
-        wrong.append(f"{runs} runs in one array, more than MaxArraySize {site.max_array_size}")
-    if site.max_submit is not None and runs > site.max_submit:
-        wrong.append(f"{runs} runs, more than the {site.max_submit} jobs you may have queued")
+    tasks = -(-runs // r.runs_per_task)  # array tasks: packed runs share one
+    wrong, notes = [], []
+    if site.max_array_size is not None and tasks > site.max_array_size:
+        notes.append(f"split into {-(-tasks // site.max_array_size)} arrays (MaxArraySize {site.max_array_size})")
+    if site.max_submit is not None and tasks > site.max_submit:
+        wrong.append(f"{count(tasks, 'array task')}, more than the {site.max_submit} jobs you may have queued "
+                     "(pack several runs per task: resources.runs_per_task)")
     if site.partitions is None:
         return Fact(PROBLEM if wrong else WARNING, name, "; ".join([*wrong, "partitions not known"]))
     known = {p.name: p for p in site.partitions}
@@ -303,7 +305,8 @@ def stage_fact(stage, site: Site) -> Fact:
         return Fact(PROBLEM, name, "; ".join(wrong))
     gpus = f", {count(r.gpus_per_node, 'GPU')} per node" if r.gpus_per_node else ""
     return Fact(OK, name, f"{count(runs, 'run')} on partition {part.name}: time {format_minutes(r.timeout_min)} "
-                          f"within {part.time_limit}, {count(r.nodes, 'node')}{gpus}")
+                          f"within {part.time_limit}, {count(r.nodes, 'node')}{gpus}"
+                          + "".join(f"; {note}" for note in notes))
 
 
 def data_fact(sweep) -> Fact:

@@ -65,7 +65,7 @@ def submit_command(spec_path: Path, overrides: tuple[str, ...], executor: str, d
     for sub in subs:
         skipped = f", {len(sub.skipped)} skipped ({_why(sub.skipped)})" if sub.skipped else ""
         if not sub.run_ids:
-            console.print(f"  stage {sub.name}: nothing to submit{skipped}")
+            console.print(f"  stage {sub.label}: nothing to submit{skipped}")
             continue
         after = f", after {sub.dependency}" if sub.dependency else ""
         what = "array" if kind == "slurm" else "job"
@@ -73,7 +73,7 @@ def submit_command(spec_path: Path, overrides: tuple[str, ...], executor: str, d
         logs = f"; logs in {sub.log_dir}/{sub.job_ids[0] if one_job else sub.array_job_id + '_<task>'}/" \
             if kind == "slurm" else ""
         runs = count(len(sub.run_ids), "run")
-        console.print(f"  stage {sub.name}: {what} {sub.array_job_id}, {runs}{skipped}{after}{logs}", soft_wrap=True)
+        console.print(f"  stage {sub.label}: {what} {sub.array_job_id}, {runs}{skipped}{after}{logs}", soft_wrap=True)
     if kind == "debug":
         console.print("(debug executor: the runs ran in this process)")
     root = root_flag(runs_root)
@@ -97,14 +97,14 @@ def _print_dry_run(console, sweep, manifest) -> None:
     runs = Table(title=f"{sweep.name}: runs (dry run: nothing submitted)")
     for col in ("stage", "run", "grid point", "after", "action"):
         runs.add_column(col, overflow="fold", no_wrap=col == "run")
-    subs = {s.name: s for s in manifest.submitted}
+    skipped = {run_id: why for s in manifest.submitted for run_id, why in s.skipped.items()}
+    selected = {s.name for s in manifest.submitted}  # a stage split into several arrays is one stage here
     for stage in sweep.stages:
-        sub = subs.get(stage.name)
         for run in stage.runs:
-            if sub is None:
+            if stage.name not in selected:
                 action = "not selected"
-            elif run.run_id in sub.skipped:
-                action = f"skip: {sub.skipped[run.run_id]}"
+            elif run.run_id in skipped:
+                action = f"skip: {skipped[run.run_id]}"
             else:
                 action = "submit"
             point = point_label(run.point)
@@ -112,7 +112,7 @@ def _print_dry_run(console, sweep, manifest) -> None:
             runs.add_row(stage.name, run.run_id, point, after, action)
     console.print(runs)
     for sub in manifest.submitted:
-        console.print(f"[bold]stage {sub.name}[/]: {count(len(sub.run_ids), 'run')} to submit "
+        console.print(f"[bold]stage {sub.label}[/]: {count(len(sub.run_ids), 'run')} to submit "
                       f"({sub.executor} executor)")
         for flag in sub.flags:
             console.print(f"    {flag}", soft_wrap=True, markup=False, highlight=False)
@@ -126,6 +126,9 @@ def _print_dry_run(console, sweep, manifest) -> None:
         console.print(f"{where}, one after another in stage order: {', '.join(local)}; environment from the "
                       f"profile: {env}; each run's output in its run dir (asbatch logs RUN)", soft_wrap=True,
                       markup=False, highlight=False)
+        if any(stage.resources.setup or stage.resources.python for stage in sweep.stages):
+            console.print("the profile's setup lines and python command are not used here: they run in Slurm jobs "
+                          "only (this Python runs the runs)", soft_wrap=True, markup=False, highlight=False)
 
 
 @main.command("cancel", short_help="Cancel a sweep's queued and running jobs.")

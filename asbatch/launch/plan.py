@@ -7,7 +7,7 @@ turns each `StageSubmission` into an array (one task per run, or per `runs_per_t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from asbatch.launch.errors import LaunchError, UnmetUpstreamError
@@ -38,10 +38,16 @@ class StageSubmission:
     array_job_id: str | None = None
     job_ids: list[str] = field(default_factory=list)  # each run's job (packed runs share one)
     task_ids: list[str] = field(default_factory=list)  # each array task's job
+    part: tuple[int, int] | None = None  # (i, n): the i-th of the n arrays a stage larger than MaxArraySize became
 
     @property
     def name(self) -> str:
         return self.stage.name
+
+    @property
+    def label(self) -> str:
+        """The stage's name, and which of its arrays this is where it was split."""
+        return self.name if self.part is None else f"{self.name} (array {self.part[0] + 1} of {self.part[1]})"
 
     @property
     def run_ids(self) -> list[str]:
@@ -149,6 +155,23 @@ def aftercorr(plan: StageSubmission, job_of: dict[str, str]) -> str | None:
     arrays = {t.split("_")[0] for t in tasks}
     aligned = all(t == f"{next(iter(arrays))}_{i}" for i, t in enumerate(tasks))
     return f"aftercorr:{arrays.pop()}" if len(arrays) == 1 and aligned else None
+
+
+def split_arrays(plans: list[StageSubmission], max_tasks: int) -> list[StageSubmission]:
+    """A stage with more array tasks than the cluster's MaxArraySize becomes several arrays of at most
+    `max_tasks` tasks each (task ids start at 0 in each); the runs keep their order, status, cancel and retry
+    see each run's own job, and a downstream stage split the same way still waits task for task."""
+    out: list[StageSubmission] = []
+    for plan in plans:
+        per_array = max(1, max_tasks) * plan.runs_per_task
+        chunks = [plan.runs[i:i + per_array] for i in range(0, len(plan.runs), per_array)]
+        if len(chunks) <= 1:
+            out.append(plan)
+            continue
+        out += [replace(plan, runs=chunk, part=(i, len(chunks)), skipped=plan.skipped if i == 0 else {},
+                        stale_jobs=plan.stale_jobs if i == 0 else [], run_dependencies={}, job_ids=[], task_ids=[])
+                for i, chunk in enumerate(chunks)]
+    return out
 
 
 def packing_lines(stage: SweepStage, runs: Sequence[SweepRun] | None = None) -> list[str]:

@@ -36,6 +36,7 @@ from typing import Any
 
 import submitit
 
+from asbatch.launch.admission import check_with_cluster, submit_limit_message
 from asbatch.launch.errors import DamagedStateError, LaunchError
 from asbatch.launch.manifest import IntentRecord, Manifest
 from asbatch.launch.pack import local_jobs
@@ -45,9 +46,11 @@ from asbatch.launch.plan import (
     array_dependency,
     plan_stages,
     run_dependencies,
+    split_arrays,
     task_dependency,
 )
 from asbatch.launch.runlog import detached_output
+from asbatch.launch.site import DEFAULT_MAX_ARRAY_SIZE, max_array_size
 from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
 from asbatch.launch.status import RunStatus, run_statuses, sweep_status
 from asbatch.launch.task import PackTask, SequentialTask, TrainTask
@@ -115,8 +118,11 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
         return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True)
     # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
     # whose upstream is neither finished nor queued) fails here, with nothing written
+    # and ask the cluster whether it takes each stage's resources (sbatch --test-only)
     status = run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0]
-    plan_stages(sweep, sweep_dir, kind, status, selected, only)
+    first = _planned(sweep, sweep_dir, kind, status, selected, only)
+    _describe_all(first, sweep, kind)
+    check_with_cluster(first)
     created = [p for p in (sweep_dir.path, sweep_dir.path.parent) if not p.exists()]  # innermost first
     _make_runs_root(sweep_dir.path.parent)
     try:
@@ -128,6 +134,24 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     except LaunchError:
         _remove_if_unused(sweep_dir, created)
         raise
+
+
+def _planned(sweep: Sweep, sweep_dir: SweepDir, kind: str, status: dict[str, RunStatus],
+             stages: Sequence[SweepStage], only: set[str] | None) -> list[StageSubmission]:
+    """The plan, with each Slurm stage larger than the cluster's MaxArraySize split into several arrays."""
+    plans = plan_stages(sweep, sweep_dir, kind, status, stages, only)
+    return split_arrays(plans, max_array_size() or DEFAULT_MAX_ARRAY_SIZE) if kind == "slurm" else plans
+
+
+def _describe_all(plans: list[StageSubmission], sweep: Sweep, kind: str) -> None:
+    """Each plan's parameters and flags as the real submission would write them (placeholder job ids)."""
+    job_of: dict[str, str] = {}
+    for plan in plans:
+        placeholders = {s: f"<{s} array>" for s in plan.upstream_stages}
+        dependency = aftercorr(plan, job_of) or array_dependency(plan, placeholders) if kind == "slurm" else None
+        _describe(plan, sweep, dependency)
+        job_of.update(zip(plan.run_ids, plan.task_of([f"<{plan.label} array>_{i}" for i in range(len(plan.packs))]),
+                          strict=True))
 
 
 def _remove_if_unused(sweep_dir: SweepDir, created: list[Path]) -> None:
@@ -166,16 +190,11 @@ def _make_runs_root(root: Path) -> None:
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
                    only: set[str] | None, dry_run: bool) -> Manifest:
     status, _ = run_statuses(manifest)
-    plans = plan_stages(sweep, sweep_dir, kind, status, stages, only)
+    plans = _planned(sweep, sweep_dir, kind, status, stages, only)
     manifest.dry_run, manifest.submitted = dry_run, plans
     if dry_run:
-        job_of: dict[str, str] = {}  # what the real submission would number them
-        for plan in plans:
-            placeholders = {s: f"<{s} array>" for s in plan.upstream_stages}
-            dependency = aftercorr(plan, job_of) or array_dependency(plan, placeholders) if kind == "slurm" else None
-            _describe(plan, sweep, dependency)
-            job_of.update(zip(plan.run_ids, plan.task_of([f"<{plan.name} array>_{i}" for i in range(len(plan.packs))]),
-                              strict=True))
+        _describe_all(plans, sweep, kind)
+        check_with_cluster(plans)
         return manifest
     if not any(p.runs for p in plans):
         return manifest
@@ -199,8 +218,9 @@ def _kill_point(n: int) -> None:
 
 def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: list[StageSubmission],
                   status: dict[str, RunStatus]) -> None:
-    arrays: dict[str, str] = {}
+    arrays: dict[str, str] = {}  # stage -> its array id(s), ':'-joined where it was split
     job_of: dict[str, str] = {}  # run id -> job id, for the runs submitted in this call
+    sbatches = 0
     stale = [job for plan in plans for job in plan.stale_jobs]
     if stale:  # tasks that wait on a failed upstream array forever; their runs are submitted again below
         run(["scancel", *stale])
@@ -223,11 +243,13 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
                 jobs = [ex.submit(task) for task in _callables(plan, sweep_dir)]
             plan.task_ids = [job.job_id for job in jobs]
             job_ids = plan.task_of(plan.task_ids)
-            _kill_point(len(arrays) + 1)
-            arrays[plan.name] = job_ids[0].split("_")[0]
+            sbatches += 1
+            _kill_point(sbatches)
+            array_id = job_ids[0].split("_")[0]
+            arrays[plan.name] = f"{arrays[plan.name]}:{array_id}" if plan.name in arrays else array_id
             job_of.update(zip(plan.run_ids, job_ids, strict=True))
             manifest.intents.remove(intent)
-            _record(manifest, plan, intent, job_ids, arrays[plan.name])
+            _record(manifest, plan, intent, job_ids, array_id)
             manifest.save()  # after each array: a failure later still leaves a true manifest
             if not corresponding:
                 _set_task_dependencies(plan)
@@ -243,8 +265,8 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
         done = ", ".join(f"{s}: {a}" for s, a in arrays.items()) or "nothing"
-        raise LaunchError(f"sbatch failed for stage {plan.name!r}: {str(detail).strip()} "
-                          f"(submitted before the failure: {done})") from err
+        said = submit_limit_message(plan, str(detail)) or f"sbatch failed for stage {plan.label!r}: {detail!s}".strip()
+        raise LaunchError(f"{said} (submitted before the failure: {done})") from err
 
 
 def _callables(plan: StageSubmission, sweep_dir: SweepDir) -> list[TrainTask | PackTask]:

@@ -6,6 +6,7 @@
 #   bash slurm/local-cluster/cluster.sh status         # which daemons run, sinfo
 #   sudo bash slurm/local-cluster/cluster.sh stop
 #   bash slurm/local-cluster/cluster.sh env            # prints `export SLURM_CONF=...` for your shell
+#   sudo bash slurm/local-cluster/cluster.sh max-array-size N   # a site's smaller MaxArraySize, live (1001: back)
 #
 # Everything it generates (slurm.conf, slurmdbd.conf, spool, logs, pid files) lives in the state dir
 # $ASBATCH_SLURM_STATE (default /var/tmp/asbatch-slurm), never in the repo. Two slurmd run on this host
@@ -23,6 +24,7 @@ NODES=(n1 n2)
 NODE_PORTS=(16821 16822)
 NODE_CPUS=${ASBATCH_NODE_CPUS:-$(nproc)}
 NODE_MEM_MB=${ASBATCH_NODE_MEM_MB:-4096}
+MAX_ARRAY_SIZE=${ASBATCH_MAX_ARRAY_SIZE:-1001}  # Slurm's default: array task ids 0-1000
 DB_NAME=asbatch_slurm_acct
 DB_USER=asbatch_slurm
 CONF=$STATE/etc/slurm.conf
@@ -89,6 +91,7 @@ ReturnToService=2
 JobRequeue=1
 KillWait=5
 MinJobAge=600
+MaxArraySize=$MAX_ARRAY_SIZE
 InactiveLimit=0
 Waittime=0
 # Accounting through slurmdbd (MariaDB) so that sacct reports final job states.
@@ -213,6 +216,29 @@ cmd_stop() {
   log "stopped (MariaDB and munge are left running unless you pass --all)"
 }
 
+cmd_max_array_size() {  # what a site with a smaller MaxArraySize looks like, without a restart
+  need_root max-array-size
+  [[ "${1:-}" =~ ^[1-9][0-9]*$ ]] || die "usage: $0 max-array-size N (N >= 1; 1001 is Slurm's default)"
+  export SLURM_CONF=$CONF
+  if grep -q '^MaxArraySize=' "$CONF"; then sed -i "s/^MaxArraySize=.*/MaxArraySize=$1/" "$CONF"
+  else echo "MaxArraySize=$1" >> "$CONF"; fi
+  # slurmctld reads MaxArraySize when it starts (`scontrol reconfigure` shows it but does not enforce it);
+  # a restart keeps every job (its state is saved)
+  local pid_file=$STATE/run/slurmctld.pid
+  if pid_alive "$pid_file"; then
+    kill "$(cat "$pid_file")"
+    for _ in $(seq 1 80); do pid_alive "$pid_file" || break; sleep 0.25; done
+  fi
+  slurmctld -f "$CONF"
+  wait_for 30 slurmctld scontrol ping
+  wait_for 30 "MaxArraySize $1" sh -c "scontrol show config | grep -Eq '^MaxArraySize +=  *$1\$'"
+  local node
+  for node in "${NODES[@]}"; do
+    wait_for 60 "slurmd $node" sh -c "sinfo -h -n $node -o %T | grep -Eq '^(idle|mixed|allocated)'"
+  done
+  log "MaxArraySize is $1"
+}
+
 cmd_status() {
   export SLURM_CONF=$CONF
   local ok=0
@@ -235,5 +261,6 @@ case "${1:-}" in
   stop) shift; cmd_stop "$@" ;;
   status) cmd_status ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 install|start|stop [--all]|status|env" >&2; exit 2 ;;
+  max-array-size) shift; cmd_max_array_size "$@" ;;
+  *) echo "usage: $0 install|start|stop [--all]|status|env|max-array-size N" >&2; exit 2 ;;
 esac

@@ -43,6 +43,17 @@ class FakeSlurm:
         state["jobs"][job].update(squeue=list(squeue) if squeue else None, sacct=sacct)
         self._write(state)
 
+    def set_max_array_size(self, size: int) -> None:
+        state = self.state
+        state["max_array_size"] = size
+        self._write(state)
+
+    def refuse(self, flag: str, reason: str) -> None:
+        """`sbatch --test-only` with `flag` among its arguments fails with `reason`."""
+        state = self.state
+        state.setdefault("refuse", {})[flag] = reason
+        self._write(state)
+
     def set_sacct_down(self, down: bool = True) -> None:
         state = self.state
         state["sacct_down"] = down

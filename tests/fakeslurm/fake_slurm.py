@@ -82,7 +82,9 @@ def scancel(state: dict, argv: list[str]) -> int:
 
 
 def scontrol(state: dict, argv: list[str]) -> int:
-    if argv[1:3] == ["show", "node"]:
+    if argv[1:3] == ["show", "config"] and state.get("max_array_size"):
+        print(f"MaxArraySize            = {state['max_array_size']}")
+    elif argv[1:3] == ["show", "node"]:
         print(f"NodeName={argv[3]} NodeAddr=127.0.0.1")
     elif argv[1] == "update":  # JobId=<array>_[i,j] or <array>_<i>, Dependency=<spec>
         fields = dict(a.split("=", 1) for a in argv[2:])
@@ -92,11 +94,25 @@ def scontrol(state: dict, argv: list[str]) -> int:
     return 0
 
 
+def test_only(state: dict, argv: list[str]) -> int:
+    """`sbatch --test-only ...`: accepts what the state does not refuse (`refuse`: a flag -> Slurm's reason)."""
+    for flag, reason in state.get("refuse", {}).items():
+        if flag in argv:
+            print(f"sbatch: error: {reason}", file=sys.stderr)
+            return 1
+    print("sbatch: Job 1 to start at 2026-12-06T12:00:00 using 1 processors on nodes n1 in partition debug",
+          file=sys.stderr)
+    return 0
+
+
 def main(command: str) -> int:
     state = _load()
+    if command == "sbatch" and "--test-only" in sys.argv:  # counted apart: it queues nothing
+        command = "sbatch-test-only"
     state["calls"].append([command, *sys.argv[1:]])
-    code = {"sbatch": sbatch, "squeue": squeue, "sacct": sacct, "scancel": scancel, "scontrol": scontrol}[command](
-        state, [command, *sys.argv[1:]])
+    commands = {"sbatch": sbatch, "sbatch-test-only": test_only, "squeue": squeue, "sacct": sacct,
+                "scancel": scancel, "scontrol": scontrol}
+    code = commands[command](state, [command, *sys.argv[1:]])
     _save(state)
     return code
 
