@@ -106,6 +106,46 @@ def test_jobs_2_trains_two_runs_at_once_a_signal_checkpoints_both_and_the_rerun_
 
 
 @pytest.mark.slow
+def test_a_killed_worker_fails_only_its_run_and_the_rerun_resumes_it_to_the_results_of_one_by_one(tmp_path,
+                                                                                                 one_by_one):
+    spec = two_runs(tmp_path / "spec.yaml", "packed", 6)
+    cmd = [sys.executable, "-m", "asbatch", "run", str(spec), "--jobs", "2", "--runs-root", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env(ASBATCH_FAULT="hold-epoch:1"))
+    killed, other = held_workers(proc.pid, 2)
+    os.kill(killed, signal.SIGKILL)  # the OOM killer's way: no checkpoint, no last word
+    os.kill(other, signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert re.search(r"^train-\w+ failed: WorkerDied: the worker process training it ended \(signal SIGKILL; out of "
+                     r"memory\?\)$", err, re.M), err
+    assert err.strip().splitlines()[-1].startswith("error: 1 run of 2 did not finish: "), err
+    dirs = run_dirs(tmp_path / "runs" / "packed")
+    assert sum((d / "results.json").exists() for d in dirs) == 1, "its pack-mate finished"
+    status = asbatch("status", "packed", "--runs-root", tmp_path / "runs").stdout
+    assert "FAILED" in status and "WorkerDied" in status, status
+    again = asbatch("run", spec, "--jobs", "2", "--runs-root", tmp_path / "runs")
+    assert again.returncode == 0, again.stderr
+    assert "finished earlier" in again.stdout and "| resumed " in again.stdout, again.stdout
+    assert {d.name: outcome(d) for d in dirs} == one_by_one
+
+
+@pytest.mark.slow
+def test_packed_runs_started_under_nohup_keep_ignoring_sighup(tmp_path):
+    spec = two_runs(tmp_path / "spec.yaml", "nohup", 3)
+    cmd = [sys.executable, "-m", "asbatch", "run", str(spec), "--jobs", "2", "--runs-root", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env(), preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    for line in proc.stdout:
+        if " epoch 1/3 " in line:
+            os.killpg(proc.pid, signal.SIGHUP)  # the terminal closes: every process of the job gets it
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert all((d / "results.json").exists() for d in run_dirs(tmp_path / "runs" / "nohup"))
+
+
+@pytest.mark.slow
 def test_a_failing_run_does_not_stop_its_pack_mate_and_the_command_ends_with_one_error_line(tmp_path):
     spec = write(tmp_path / "spec.yaml", {"sweep": "mates", "profile": "local", "defaults": {
         **DEFAULTS, "schedule": {"name": "cosine", "epochs": 1}}, "grid": {"data.train_subset": [320, 64]}})

@@ -122,12 +122,17 @@ def _detach_output() -> None:
     os.dup2(devnull, 2)
 
 
-def _worker(slot: Slot, env: dict[str, str], plain: bool, conn: Connection) -> None:
-    """A slot's process: set the slot's environment before torch is imported, then train what comes."""
+def _worker(slot: Slot, env: dict[str, str], plain: bool, conn: Connection, ignored: tuple[int, ...] = ()) -> None:
+    """A slot's process: set the slot's environment before torch is imported, then train what comes. It
+    starts with the stop signals blocked (see `_start`) and unblocks them once its handlers are in place."""
     from asbatch.launch.task import StopRequest
 
-    stop = StopRequest().install(STOP_SIGNALS)  # only a flag: the parent forwards signals and decides
-    signal.signal(signal.SIGHUP, lambda signum, frame: (_detach_output(), stop._handle(signum, frame)))
+    stop = StopRequest().install([s for s in STOP_SIGNALS if s not in ignored])  # a flag: the parent decides
+    if signal.SIGHUP not in ignored:
+        signal.signal(signal.SIGHUP, lambda signum, frame: (_detach_output(), stop._handle(signum, frame)))
+    for signum in ignored:  # what the command was started to ignore (nohup) the workers ignore too
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _die_with_parent()
     if slot.cpus:
         os.sched_setaffinity(0, slot.cpus)
@@ -230,7 +235,7 @@ def train_packed(tasks: Sequence[Any], slots: Sequence[Slot], stop: PackStop, en
                 if worker is None or worker.conn not in busy:
                     continue
                 del busy[worker.conn]
-                end(_receive(worker))
+                end(_receive(worker, stopping=stop.is_set()))
                 if worker.process.is_alive():
                     idle.append(worker)
                 else:  # it died (out of memory, a signal): its slot gets a fresh worker
@@ -248,15 +253,24 @@ def train_packed(tasks: Sequence[Any], slots: Sequence[Slot], stop: PackStop, en
 
 
 def _start(ctx: Any, slot: Slot, env: dict[str, str], plain: bool, stop: PackStop) -> _Worker:
+    """Start a worker with the stop signals blocked: the mask survives the exec, so a Ctrl-C while it starts
+    waits for its handlers instead of killing it with a traceback (the parent's own signals wait a moment)."""
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_worker, args=(slot, env, plain, child), daemon=False)
-    process.start()
+    ignored = tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is signal.SIG_IGN)
+    process = ctx.Process(target=_worker, args=(slot, env, plain, child, ignored), daemon=False)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     child.close()
     stop.workers.append(process.pid)
     return _Worker(slot, process, parent)
 
 
-def _receive(worker: _Worker) -> Outcome:
+def _receive(worker: _Worker, stopping: bool) -> Outcome:
+    """The run's outcome from its worker; a worker that died is a FAILED run (recorded in its run dir),
+    unless it died while everything was stopping (its newest checkpoint stands)."""
     task = worker.task
     try:
         message = worker.conn.recv() if worker.conn.poll(0.5) else None
@@ -266,6 +280,8 @@ def _receive(worker: _Worker) -> Outcome:
         worker.process.join(timeout=5)
         code = worker.process.exitcode
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        if stopping:
+            return Outcome(task.run_id, INTERRUPTED, detail=f"its newest checkpoint (its worker ended: {how})")
         detail = f"WorkerDied: the worker process training it ended ({how}; out of memory?)"
         with contextlib.suppress(OSError):
             RunDir(task.run_dir).write_failure(detail)
