@@ -146,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     start = time.perf_counter()
     if args.gpu:
-        from benchmarks import gpu
+        from benchmarks import gpu, gpu_packing
 
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
         with console.status("GPU smoke test and rows ..."):
             rows = gpu.run(args.quick)
+        with console.status("GPU row G6: packed runs ..."):
+            rows += gpu_packing.run(args.quick)
     else:
         rows = run_all(args.quick, set(args.only) if args.only else None, console)
     wall = time.perf_counter() - start
