@@ -281,6 +281,28 @@ def test_a_packed_stage_is_one_task_per_k_runs_with_one_process_each_and_the_dry
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("pretrain_k", "dependency", "narrowed"), [
+    (2, "aftercorr:1000", []),  # packed alike: task i waits for task i
+    (1, "afterok:1000", [["update", "JobId=1001_[0]", "Dependency=afterok:1000_0:1000_1"],
+                         ["update", "JobId=1001_[1]", "Dependency=afterok:1000_2:1000_3"]])])
+def test_a_packed_fine_tune_task_waits_for_the_tasks_of_its_own_runs_upstream_runs(tmp_path, monkeypatch, pretrain_k,
+                                                                                   dependency, narrowed):
+    from fakeslurm import FakeSlurm
+
+    slurm = FakeSlurm(tmp_path / "fake").activate(monkeypatch)
+    spec = write(tmp_path / "spec.yaml", {"sweep": "two", "profile": "local", "defaults": TINY,
+                                          "grid": {"seed": [0, 1, 2, 3]}, "stages": {
+        "pretrain": {"config": {"model": {"bayesian": False}, "adversarial": {"lam": 0.0}},
+                     "resources": {"runs_per_task": pretrain_k}},
+        "fine_tune": {"after": "pretrain", "init_from": "pretrain", "resources": {"runs_per_task": 2}}}})
+    manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
+    fine = [a for a in manifest.arrays if a.stage == "fine_tune"]
+    assert [a.dependency for a in fine] == [dependency]
+    assert [r.job_id for r in manifest.submissions if r.stage == "fine_tune"] == ["1001_0", "1001_0", "1001_1",
+                                                                                  "1001_1"]
+    assert sorted(c for c in slurm.calls("scontrol") if c[0] == "update") == narrowed
+
+
 def test_a_killed_submit_of_a_packed_array_is_resolved_to_each_runs_task(tmp_path, monkeypatch):
     from asbatch.launch import manifest as manifest_module
     from asbatch.launch.manifest import IntentRecord, PlannedRun
