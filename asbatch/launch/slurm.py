@@ -41,7 +41,10 @@ ENDED_BECAUSE = {
 }
 NEVER_RUNS = "DependencyNeverSatisfied"  # squeue reason of a task whose upstream array failed
 SLURM_JOB_ID = re.compile(r"\d+(_\d+)?")
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# SECRET_NAME=value in a shell line (also inside --env=NAME=value), the value up to an unquoted blank or ; & |
+_SECRET_ASSIGNMENT = re.compile(r"\b([A-Za-z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)[A-Za-z0-9_]*)="
+                                r"(?:'[^']*'|\"(?:[^\"\\]|\\.)*\"|\\.|[^\s;&|'\"])*", re.IGNORECASE)
+PYTHON_ARG0 = "asbatch-python"  # $0 of the shell that execs a profile's python command
 
 
 def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -91,14 +94,37 @@ def executor_parameters(sweep: str, stage: SweepStage, env: dict[str, str], depe
         extra["dependency"] = dependency
     if extra:
         params["slurm_additional_parameters"] = extra
-    if env:
-        params["slurm_setup"] = env_lines(env)
+    if env or r.setup:  # the profile's env first, so that its setup lines (and python) may use it
+        params["slurm_setup"] = [*env_lines(env), *r.setup]
+    if r.python:
+        params["slurm_srun_args"] += python_wrapper(r.python)
     return params
 
 
+def python_wrapper(python: str) -> list[str]:
+    """srun arguments that run the task with `python` instead of this interpreter: submitit's `python` is an
+    executor constructor argument, not a parameter, so srun starts `bash -c 'shift; exec PYTHON "$@"'` with
+    submitit's own command (`<this python> -u -m submitit.core._submit <folder>`) as its arguments; exec
+    leaves no shell between Slurm's signals and Python."""
+    return ["/bin/bash", "-c", f'shift; exec {python} "$@"', PYTHON_ARG0]
+
+
+def wrapped_python(srun_args: Sequence[str]) -> str | None:
+    """The python command `python_wrapper` put into these srun arguments (None: this interpreter)."""
+    if len(srun_args) >= 4 and srun_args[-1] == PYTHON_ARG0:
+        return srun_args[-2].removeprefix("shift; exec ").removesuffix(' "$@"')
+    return None
+
+
+def _masked(line: str) -> str:
+    """A setup line with the values of secret-looking variables (`export WANDB_API_KEY=...`) as ***."""
+    return _SECRET_ASSIGNMENT.sub(lambda m: f"{m[1]}=***", line)
+
+
 def sbatch_flags(params: dict[str, Any], num_tasks: int, log_dir: Path) -> list[str]:
-    """The sbatch flags submitit will write for these parameters (for `--dry-run`); env values that look
-    like secrets are masked."""
+    """The sbatch flags submitit will write for these parameters (for `--dry-run`), then the job script's
+    setup lines (the profile's env exports and setup) and a profile's python command; values of variables
+    that look like secrets are masked."""
     native = {"job-name": params["name"], "time": params["timeout_min"]}
     for key, flag in (("slurm_partition", "partition"), ("slurm_account", "account"), ("slurm_qos", "qos"),
                       ("nodes", "nodes"), ("tasks_per_node", "ntasks-per-node"), ("cpus_per_task", "cpus-per-task"),
@@ -116,9 +142,10 @@ def sbatch_flags(params: dict[str, Any], num_tasks: int, log_dir: Path) -> list[
     native["error"] = str(log_dir / job / f"{job}_0_log.err")
     native.update(params.get("slurm_additional_parameters", {}))
     flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in native.items()]
-    for line in params.get("slurm_setup", []):
-        name, _, value = line.removeprefix("export ").partition("=")
-        flags.append(f"export {name}={'***' if _SECRET.search(name) else value}")
+    flags += [_masked(line) for line in params.get("slurm_setup", [])]  # the job script's lines, as written
+    python = wrapped_python(params.get("slurm_srun_args", []))
+    if python:
+        flags.append(f"python: {_masked(python)}")
     return flags
 
 

@@ -1,8 +1,11 @@
-"""What a stage asks Slurm for (`Resources`) and cluster profiles; every Slurm token rule lives here.
+"""What a stage asks Slurm for (`Resources`) and cluster profiles; the Slurm token rules live here, those of
+`extra` flags and job-script lines in `asbatch.spec.sbatch`.
 
 Profiles ship inside the package (`asbatch/profiles/*.yaml`); a directory in $ASBATCH_PROFILES is searched
 first, and a ref with '/' or a .yaml suffix is a file path (relative to the spec). A profile is a mapping of
 `Resources` fields plus `env: {VAR: value}` exported in every job; a stage's `resources` override it.
+`setup` (shell lines the Slurm job script runs before Python) and `python` (the interpreter command) are
+`Resources` fields too, so every stage of a Slurm submission gets the profile's.
 """
 
 from __future__ import annotations
@@ -20,47 +23,36 @@ from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field,
 
 from asbatch.names import check_name
 from asbatch.spec.errors import SpecError, did_you_mean, model_keys, show, user_path, validate
-from asbatch.spec.loading import CONTROL, kind, read_yaml, reject_control_chars
+from asbatch.spec.loading import kind, read_yaml, reject_control_chars
+from asbatch.spec.sbatch import ALLOWED_EXTRA_FLAGS as ALLOWED_EXTRA_FLAGS  # re-exported
+from asbatch.spec.sbatch import (
+    MAX_MEM_GB,
+    MAX_SETUP_LINES,
+    MAX_TOKEN,
+    MIN_MEM_MB,
+    ExtraFlag,
+    ExtraValue,
+    PythonCommand,
+    ShellLine,
+    check_extra_value,
+    no_control,
+)
 
 PROFILES_ENV = "ASBATCH_PROFILES"
-# sbatch flags a spec may add verbatim; everything else is either a Resources field or owned by the launcher
-ALLOWED_EXTRA_FLAGS = frozenset({"mail-type", "mail-user", "exclusive", "reservation", "licenses", "gres",
-                                 "comment", "nice", "requeue"})
-_FLAG_FIELDS = {"partition": "partition", "account": "account", "qos": "qos", "nodes": "nodes",
-                "gpus-per-node": "gpus_per_node", "gpus": "gpus_per_node", "cpus-per-task": "cpus_per_task",
-                "mem": "mem_gb", "time": "time", "constraint": "constraint", "array": "array_parallelism"}
 _SLURM_TOKEN = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*-]+")
-_EXTRA_VALUE = re.compile(r"[A-Za-z0-9_.,:|&!\[\]*@%+=/-]*")  # '' = a bare flag such as --exclusive
 _PLAIN_OR = re.compile(r"\|(?![^\[]*\])")  # a '|' outside [...] (Slurm's matching OR)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,40}")
 _TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+):([0-5][0-9]):([0-5][0-9])")
-MAX_TOKEN = 256        # characters of one Slurm token or extra-flag value
 MAX_ENV_VALUE = 4096   # characters of one environment value
 MAX_TIME_MIN = 365 * 1440  # a year; Slurm's own limits are set per partition
-MAX_MEM_GB = 16 * 1024     # 16 TiB per node
-MIN_MEM_MB = 64            # less cannot hold a Python process
 # the launcher owns these variables in a job, or they change how the job script itself runs: not settable
 RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                           "IFS", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND"})
 RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_", "BASH_FUNC_")
-# extra flags: which need a value, which take none, and the values some of them accept
-_NEEDS_VALUE = frozenset({"mail-type", "mail-user", "reservation", "licenses", "gres", "comment"})
-_BARE = frozenset({"requeue"})
-_MAIL_TYPES = frozenset({"NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",
-                         "TIME_LIMIT", "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS"})
-_EXCLUSIVE = frozenset({"", "user", "mcs", "topo"})
-_GRES = re.compile(r"[A-Za-z][A-Za-z0-9_-]*(?::[A-Za-z0-9_.-]+)*(?:,[A-Za-z][A-Za-z0-9_-]*(?::[A-Za-z0-9_.-]+)*)*")
-_MAIL_USER = re.compile(r"[A-Za-z0-9_.+-]+(?:@[A-Za-z0-9.-]+)?(?:,[A-Za-z0-9_.+-]+(?:@[A-Za-z0-9.-]+)?)*")
 
 
 # ---------------------------------------------------------------------------------------------- tokens
-
-def no_control(value: str) -> str:
-    if CONTROL.search(value):
-        raise ValueError("control characters (newline, carriage return, NUL, tab, escape) are not allowed")
-    return value
-
 
 def _slurm_token(value: str) -> str:
     no_control(value)
@@ -74,41 +66,6 @@ def _slurm_token(value: str) -> str:
 def _safe_name(value: str) -> str:
     no_control(value)
     return check_name(value)  # the one rule for sweep and stage names (a leading '-' would read as an option)
-
-
-def _extra_flag(name: str) -> str:
-    if name in ALLOWED_EXTRA_FLAGS:
-        return name
-    as_field = _FLAG_FIELDS.get(name.lstrip("-"))
-    hint = f"; use the resources field {as_field!r}" if as_field else did_you_mean(name, ALLOWED_EXTRA_FLAGS)
-    raise ValueError(f"sbatch flag not allowed here (allowed: {', '.join(sorted(ALLOWED_EXTRA_FLAGS))}){hint}")
-
-
-def _extra_value(value: str) -> str:
-    no_control(value)
-    if len(value) > MAX_TOKEN:
-        raise ValueError(f"at most {MAX_TOKEN} characters")
-    if not _EXTRA_VALUE.fullmatch(value):
-        raise ValueError(r"only letters, digits and _ . , : | & ! [ ] * @ % + = / - are allowed")
-    return value
-
-
-def _check_extra_value(flag: str, value: str) -> None:
-    """The value rules of each allowed flag (the value is a checked token already); '' is the bare flag."""
-    if flag in _NEEDS_VALUE and not value:
-        raise ValueError(f"--{flag} needs a value")
-    if flag in _BARE and value:
-        raise ValueError(f"--{flag} takes no value; write `{flag}: true`")
-    if flag == "mail-type" and not set(value.upper().split(",")) <= _MAIL_TYPES:
-        raise ValueError(f"mail types are a comma-separated list of {', '.join(sorted(_MAIL_TYPES))}")
-    if flag == "mail-user" and not _MAIL_USER.fullmatch(value):
-        raise ValueError("expected a user name or e-mail address")
-    if flag == "exclusive" and value not in _EXCLUSIVE:
-        raise ValueError("expected `exclusive: true` or one of user, mcs, topo")
-    if flag == "nice" and value and not (re.fullmatch(r"[+-]?[0-9]{1,10}", value) and abs(int(value)) <= 2147483645):
-        raise ValueError("expected an integer between -2147483645 and 2147483645")
-    if flag == "gres" and not _GRES.fullmatch(value):
-        raise ValueError("expected name[:type]:count[,...], e.g. gpu:a100:2")
 
 
 def _env_name(name: str) -> str:
@@ -129,8 +86,6 @@ def _env_value(value: str) -> str:
 
 SlurmToken = Annotated[str, AfterValidator(_slurm_token)]
 SafeName = Annotated[str, AfterValidator(_safe_name)]
-ExtraFlag = Annotated[str, AfterValidator(_extra_flag)]
-ExtraValue = Annotated[str, AfterValidator(_extra_value)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
 EnvValue = Annotated[str, AfterValidator(_env_value)]
 
@@ -212,6 +167,10 @@ class Resources(Strict):
     runs_per_task: int = Field(1, ge=1, le=64, description="runs packed into one array task, trained at once")
     mps: bool = Field(False, description="a job-private CUDA MPS daemon for the runs packed onto a GPU")
     extra: dict[ExtraFlag, ExtraValue] = Field(default_factory=dict, description="allow-listed sbatch flags")
+    setup: list[ShellLine] = Field(default_factory=list, max_length=MAX_SETUP_LINES,
+                                   description="shell lines a Slurm job runs before Python (module load, source, ...)")
+    python: PythonCommand | None = Field(None, description="the interpreter command of Slurm jobs (e.g. apptainer exec "
+                                         "--nv img.sif python3); default: this Python")
 
     @field_validator("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism", "runs_per_task",
                      mode="before")
@@ -239,7 +198,7 @@ class Resources(Strict):
     def _extra_values(cls, value: dict[str, str]) -> dict[str, str]:
         for flag, text in value.items():
             try:
-                _check_extra_value(flag, text)
+                check_extra_value(flag, text)
             except ValueError as err:
                 raise ValueError(f"{flag}: {err}") from None
         return value
@@ -250,6 +209,11 @@ class Resources(Strict):
         if any(item.split(":")[0] == "gpu" for item in gres.split(",") if item):
             raise ValueError(f"extra.gres asks for GPUs ({gres!r}): ask with gpus_per_node, which also starts one "
                              "training process per GPU (a GPU gres gives one task that uses one of them)")
+        mems = [f"extra.{f}" for f in ("mem-per-gpu", "mem-per-cpu") if f in self.extra]
+        if mems and (self.mem_gb is not None or len(mems) > 1):
+            both = " and ".join([*mems, *([f"mem_gb {self.mem_gb:g}"] if self.mem_gb is not None else [])])
+            raise ValueError(f"{both}: Slurm takes only one of --mem, --mem-per-cpu and --mem-per-gpu (leave mem_gb "
+                             "out with `mem_gb: null` in a stage whose profile sets it)")
         if self.nodes > 1 and self.constraint and _PLAIN_OR.search(self.constraint):
             raise ValueError(f"constraint {self.constraint!r}: a plain OR lets the {self.nodes} nodes of one run "
                              f"have different features (GPU models); write [{self.constraint}] so that all get "
@@ -282,7 +246,8 @@ class Resources(Strict):
 # ---------------------------------------------------------------------------------------------- profiles
 
 class ProfileFile(Resources):
-    """A cluster profile file: Resources defaults plus environment variables exported in every job."""
+    """A cluster profile file: Resources defaults (`setup` and `python` among them) plus environment variables
+    exported in every job."""
 
     env: dict[EnvName, EnvValue] = Field(default_factory=dict)
 
@@ -328,6 +293,14 @@ class Profile:
     path: Path
     resources: Resources
     env: dict[str, str]
+
+    @property
+    def setup(self) -> list[str]:
+        return self.resources.setup
+
+    @property
+    def python(self) -> str | None:
+        return self.resources.python
 
 
 def shipped_profiles_dir() -> Path:
