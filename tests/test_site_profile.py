@@ -49,8 +49,7 @@ def test_setup_and_python_reach_every_stage_as_submitit_parameters(tmp_path):
     for stage in sweep.stages:
         params = executor_parameters(sweep.name, stage, sweep.env)
         assert params["slurm_setup"] == ["export OMP_NUM_THREADS=1", *SITE["setup"]]  # env first: setup may use it
-        assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1", "/bin/bash", "-c",
-                                             f'shift; exec {SITE["python"]} "$@"', "asbatch-python"]
+        assert params["slurm_python"] == SITE["python"]  # submitit's executor runs it (`executor_of`)
         flags = sbatch_flags(params, 2, tmp_path / "logs")
         assert flags[-7:] == ["export OMP_NUM_THREADS=1", "module purge", "source /etc/profile.d/site.sh",
                               "export ASBATCH_SETUP_PROBE=yes", "export WANDB_API_KEY=***",
@@ -63,10 +62,10 @@ def test_a_stage_may_use_another_interpreter_and_a_profile_without_them_writes_n
     stages = {"gpu": {}, "cpu": {"resources": {"python": "/opt/conda/envs/cpu/bin/python", "setup": []}}}
     sweep = load_sweep(write_spec(tmp_path / "spec.yaml", profile, stages))
     cpu = executor_parameters(sweep.name, sweep.stage("cpu"), {})
-    assert "slurm_setup" not in cpu and cpu["slurm_srun_args"][-2] == 'shift; exec /opt/conda/envs/cpu/bin/python "$@"'
+    assert "slurm_setup" not in cpu and cpu["slurm_python"] == "/opt/conda/envs/cpu/bin/python"
     plain = load_sweep(write_spec(tmp_path / "plain.yaml", write_profile(tmp_path / "plain-profile.yaml")))
     params = executor_parameters(plain.name, plain.stages[0], {})
-    assert "slurm_setup" not in params and params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+    assert "slurm_setup" not in params and "slurm_python" not in params
     assert not any(f.startswith("python:") for f in sbatch_flags(params, 1, tmp_path))
 
 
@@ -224,7 +223,6 @@ def test_a_slurm_job_runs_the_setup_lines_then_the_python_command(local_slurm, t
                                            "echo setup-ran", "export MY_TOKEN='s3cret value'"]
     shown = dry.submitted[0].flags
     assert shown[-5:] == [*script[setup + 1:setup + 4], "export MY_TOKEN=***", f"python: {python}"]
-    assert any(line.startswith("srun ") and line.endswith(f"exec {python} \"$@\"' asbatch-python "
-                                                          f"{shlex.quote(sys.executable)} -u -m submitit.core._submit "
+    assert any(line.startswith("srun ") and line.endswith(f" {python} -u -m submitit.core._submit "
                                                           f"{log_dir.parent / '%j'}") for line in script), script
     assert job_history(job) == ["COMPLETED"]

@@ -44,7 +44,6 @@ SLURM_JOB_ID = re.compile(r"\d+(_\d+)?")
 # SECRET_NAME=value in a shell line (also inside --env=NAME=value), the value up to an unquoted blank or ; & |
 _SECRET_ASSIGNMENT = re.compile(r"\b([A-Za-z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)[A-Za-z0-9_]*)="
                                 r"(?:'[^']*'|\"(?:[^\"\\]|\\.)*\"|\\.|[^\s;&|'\"])*", re.IGNORECASE)
-PYTHON_ARG0 = "asbatch-python"  # $0 of the shell that execs a profile's python command
 
 
 def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -96,24 +95,21 @@ def executor_parameters(sweep: str, stage: SweepStage, env: dict[str, str], depe
         params["slurm_additional_parameters"] = extra
     if env or r.setup:  # the profile's env first, so that its setup lines (and python) may use it
         params["slurm_setup"] = [*env_lines(env), *r.setup]
-    if r.python:
-        params["slurm_srun_args"] += python_wrapper(r.python)
+    if r.python:  # submitit takes it in the executor's constructor (`executor_of` pops it from here)
+        params["slurm_python"] = r.python
     return params
 
 
-def python_wrapper(python: str) -> list[str]:
-    """srun arguments that run the task with `python` instead of this interpreter: submitit's `python` is an
-    executor constructor argument, not a parameter, so srun starts `bash -c 'shift; exec PYTHON "$@"'` with
-    submitit's own command (`<this python> -u -m submitit.core._submit <folder>`) as its arguments; exec
-    leaves no shell between Slurm's signals and Python."""
-    return ["/bin/bash", "-c", f'shift; exec {python} "$@"', PYTHON_ARG0]
+def executor_of(folder: Path, params: dict[str, Any]) -> Any:
+    """A submitit Slurm executor with these parameters: the job runs `<python> -u -m submitit.core._submit`
+    with the profile's python command where it has one (an apptainer or conda command), else this one."""
+    import submitit
 
-
-def wrapped_python(srun_args: Sequence[str]) -> str | None:
-    """The python command `python_wrapper` put into these srun arguments (None: this interpreter)."""
-    if len(srun_args) >= 4 and srun_args[-1] == PYTHON_ARG0:
-        return srun_args[-2].removeprefix("shift; exec ").removesuffix(' "$@"')
-    return None
+    params = dict(params)
+    python = params.pop("slurm_python", None)
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm", **({"slurm_python": python} if python else {}))
+    ex.update_parameters(**params)
+    return ex
 
 
 def _masked(line: str) -> str:
@@ -143,9 +139,8 @@ def sbatch_flags(params: dict[str, Any], num_tasks: int, log_dir: Path) -> list[
     native.update(params.get("slurm_additional_parameters", {}))
     flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in native.items()]
     flags += [_masked(line) for line in params.get("slurm_setup", [])]  # the job script's lines, as written
-    python = wrapped_python(params.get("slurm_srun_args", []))
-    if python:
-        flags.append(f"python: {_masked(python)}")
+    if params.get("slurm_python"):
+        flags.append(f"python: {_masked(params['slurm_python'])}")
     return flags
 
 

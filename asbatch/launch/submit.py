@@ -51,7 +51,7 @@ from asbatch.launch.plan import (
 )
 from asbatch.launch.runlog import detached_output
 from asbatch.launch.site import DEFAULT_MAX_ARRAY_SIZE, max_array_size
-from asbatch.launch.slurm import ACTIVE, executor_parameters, run, sbatch_flags, scancel
+from asbatch.launch.slurm import ACTIVE, executor_of, executor_parameters, run, sbatch_flags, scancel
 from asbatch.launch.status import RunStatus, run_statuses, sweep_status
 from asbatch.launch.task import PackTask, SequentialTask, TrainTask
 from asbatch.names import EXECUTORS, point_label
@@ -236,8 +236,7 @@ def _submit_slurm(sweep: Sweep, sweep_dir: SweepDir, manifest: Manifest, plans: 
             _describe(plan, sweep, own if single else corresponding or array_dependency(plan, arrays))
             manifest.intents.append(intent := manifest.intend(plan))
             manifest.save()  # before sbatch: the jobs of a submit killed after it are still found
-            ex = submitit.AutoExecutor(folder=sweep_dir.job_folder, cluster="slurm")
-            ex.update_parameters(**plan.parameters)
+            ex = executor_of(sweep_dir.job_folder, plan.parameters)
             # sbatch runs when the batch closes; its error goes into the LaunchError, not a second line on stderr
             with contextlib.redirect_stderr(io.StringIO()), ex.batch():
                 jobs = [ex.submit(task) for task in _callables(plan, sweep_dir)]
