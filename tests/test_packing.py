@@ -106,6 +106,39 @@ def test_jobs_2_trains_two_runs_at_once_a_signal_checkpoints_both_and_the_rerun_
 
 
 @pytest.mark.slow
+def test_on_a_terminal_the_command_draws_a_bar_per_active_run_from_its_workers(tmp_path):
+    import pty
+    import select
+
+    spec = two_runs(tmp_path / "spec.yaml", "bars", 2)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `asbatch run --jobs 2` on a (pseudo) terminal 100 columns wide
+        os.execve(sys.executable, [sys.executable, "-m", "asbatch", "run", str(spec), "--jobs", "2",  # noqa: S606
+                                   "--runs-root", str(tmp_path / "runs")], env(COLUMNS="100", TERM="xterm"))
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 120)
+        assert ready, "no output for 120 s"
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    screen = [line for chunk in text.split("\n") for line in chunk.split("\r") if line.strip()]
+    bars = [line for line in screen if "━" in line]
+    for label in ("lam=0 ", "lam=0.8 "):
+        assert any(line.startswith(label) and "epoch 2/2  loss" in line for line in bars), text[-3000:]
+    assert sum(line.startswith("final evaluation") and "3 weight samples" in line for line in screen[-12:]) == 2
+    assert not any(" epoch 1/2  loss" in line and "img/s" in line for line in screen), "bars, not epoch lines"
+    assert sum(" done: ensemble " in line for line in screen) == 2 and "Traceback" not in text
+
+
+@pytest.mark.slow
 def test_a_killed_worker_fails_only_its_run_and_the_rerun_resumes_it_to_the_results_of_one_by_one(tmp_path,
                                                                                                  one_by_one):
     spec = two_runs(tmp_path / "spec.yaml", "packed", 6)

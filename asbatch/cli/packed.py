@@ -1,6 +1,7 @@
 """`asbatch run --jobs K`: several runs at once, each in its own worker process, with `run`'s promises kept.
 
-The same lines as one by one (each run's start, epoch and done lines carry its id), Ctrl-C / SIGTERM / SIGHUP
+The same output as one by one: on a terminal one bar per active run (drawn here from the workers' events:
+`BarBoard`), elsewhere each run's start, epoch and done lines, carrying its id. Ctrl-C / SIGTERM / SIGHUP
 checkpoint every active run and exit 130 / 143 / 129, a second signal stops at once (the workers too), the
 same command resumes. A run that fails does not stop the others: each failure is said as it happens, and
 the command ends with one `error:` line (exit 1) after the table of the runs that finished.
@@ -8,7 +9,10 @@ the command ends with one `error:` line (exit 1) after the table of the runs tha
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -45,7 +49,11 @@ def run_packed(sweep, selected, runs_root: Path, jobs: int, stop) -> list[dict]:
         elif outcome.state != COMPLETED and outcome.state != INTERRUPTED:
             click.echo(f"{outcome.run_id} not run: {outcome.detail}", err=True)
 
-    outcomes = train_packed(tasks, slots, pack_stop, env=sweep.env, on_end=said)
+    from asbatch.train.progress import is_terminal
+
+    with BarBoard() if is_terminal() else contextlib.nullcontext() as board:  # one bar per active run
+        outcomes = train_packed(tasks, slots, pack_stop, env=sweep.env, on_end=said,
+                                bars=board.queue if board is not None else None)
     stopped = [o for o in outcomes if o.state == INTERRUPTED]
     if stopped or stop.is_set():
         for outcome in stopped:
@@ -74,3 +82,38 @@ def _slots(runs, jobs: int, threads: int | None) -> list:
         return cpu_slots(jobs, threads)
     per_gpu = max(1, -(-jobs // len(gpus)))  # ceil: jobs spread over the GPUs
     return gpu_slots(gpus, per_gpu, threads)[:jobs]
+
+
+class BarBoard:
+    """On a terminal: every active run's bar (and its evaluation's), drawn here from its worker's events
+    (`asbatch.train.progress.SinkBar`); the runs' lines print above the bars, which stay on screen."""
+
+    def __init__(self) -> None:
+        from asbatch.train.progress import new_bars
+
+        self.queue = multiprocessing.get_context("spawn").Queue()
+        self.bars = new_bars()
+        self._tasks: dict[tuple[str, int], int] = {}  # (run id, its task) -> the bar's task id
+        self._thread = threading.Thread(target=self._draw, daemon=True)
+
+    def __enter__(self) -> BarBoard:
+        self.bars.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=10)
+        self.bars.stop()
+
+    def _draw(self) -> None:
+        while (event := self.queue.get()) is not None:
+            run_id, kind, task, data = event
+            if kind == "line":
+                self.bars.console.print(data, markup=False, highlight=False, soft_wrap=True)
+            elif kind == "add":
+                self._tasks[(run_id, task)] = self.bars.add_task(data.pop("description"), **data)
+            elif kind == "advance" and (run_id, task) in self._tasks:
+                self.bars.advance(self._tasks[(run_id, task)], data)
+            elif kind == "update" and (run_id, task) in self._tasks:
+                self.bars.update(self._tasks[(run_id, task)], **data)

@@ -122,7 +122,8 @@ def _detach_output() -> None:
     os.dup2(devnull, 2)
 
 
-def _worker(slot: Slot, env: dict[str, str], plain: bool, conn: Connection, ignored: tuple[int, ...] = ()) -> None:
+def _worker(slot: Slot, env: dict[str, str], plain: bool, conn: Connection, ignored: tuple[int, ...] = (),
+            bars: Any = None) -> None:
     """A slot's process: set the slot's environment before torch is imported, then train what comes. It
     starts with the stop signals blocked (see `_start`) and unblocks them once its handlers are in place."""
     from asbatch.launch.task import StopRequest
@@ -143,6 +144,10 @@ def _worker(slot: Slot, env: dict[str, str], plain: bool, conn: Connection, igno
     if slot.threads and THREADS_ENV not in env:
         os.environ[THREADS_ENV] = str(slot.threads)
     apply_profile_env(env)  # the profile's variables win, as in a job script
+    if bars is not None:  # a terminal: the parent draws every run's bar
+        from asbatch.train.progress import set_bar_sink
+
+        set_bar_sink(bars)
     while (task := conn.recv()) is not None:
         conn.send(_train_one(task, stop))
     conn.close()
@@ -188,10 +193,10 @@ class PackStop:
 
 
 def train_packed(tasks: Sequence[Any], slots: Sequence[Slot], stop: PackStop, env: dict[str, str] | None = None,
-                 plain: bool = True, on_end: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+                 on_end: Callable[[Outcome], None] | None = None, bars: Any = None) -> list[Outcome]:
     """Train `tasks` (TrainTask-like: `run_id`, `run_dir`, `upstream` run dirs, `own_log`, `train(stop)`) in
     up to len(slots) worker processes. Returns one Outcome per task, in the tasks' order; `on_end` is called
-    as each run ends."""
+    as each run ends. Progress is lines, or with `bars` (a spawn-context queue) bar events for the parent."""
     ctx = multiprocessing.get_context("spawn")
     pending, outcomes = list(tasks), {}
     by_dir = {str(Path(t.run_dir)): t.run_id for t in tasks}
@@ -222,7 +227,7 @@ def train_packed(tasks: Sequence[Any], slots: Sequence[Slot], stop: PackStop, en
                     pending.remove(task)
                     end(Outcome(task.run_id, NOT_RUN, detail=why))
                 elif _ready(task) and (idle or free_slots):
-                    worker = idle.pop() if idle else _start(ctx, free_slots.pop(0), env or {}, plain, stop)
+                    worker = idle.pop() if idle else _start(ctx, free_slots.pop(0), env or {}, stop, bars)
                     worker.task = task
                     worker.conn.send(task)
                     busy[worker.conn] = worker
@@ -252,12 +257,12 @@ def train_packed(tasks: Sequence[Any], slots: Sequence[Slot], stop: PackStop, en
     return [outcomes[t.run_id] for t in tasks]
 
 
-def _start(ctx: Any, slot: Slot, env: dict[str, str], plain: bool, stop: PackStop) -> _Worker:
+def _start(ctx: Any, slot: Slot, env: dict[str, str], stop: PackStop, bars: Any) -> _Worker:
     """Start a worker with the stop signals blocked: the mask survives the exec, so a Ctrl-C while it starts
     waits for its handlers instead of killing it with a traceback (the parent's own signals wait a moment)."""
     parent, child = ctx.Pipe()
     ignored = tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is signal.SIG_IGN)
-    process = ctx.Process(target=_worker, args=(slot, env, plain, child, ignored), daemon=False)
+    process = ctx.Process(target=_worker, args=(slot, env, bars is None, child, ignored, bars), daemon=False)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         process.start()

@@ -11,6 +11,9 @@ accuracies, images/s, elapsed and ETA, so `asbatch logs RUN` shows the training.
     report.epoch(row, progress)        # after every epoch's metrics row
     report.evaluation(total, poll)     # wraps the evaluation's stop poll to count batches
     report.done(results)
+
+Several runs at once on a terminal (`asbatch run --jobs K`): each worker's bar calls go as events to the
+parent (`set_bar_sink`), which draws every active run's bar in one place (`asbatch.cli.packed`).
 """
 
 from __future__ import annotations
@@ -59,16 +62,35 @@ def percent(value: float | None, decimals: int = 1) -> str:
 
 
 
+_BAR_SINK = None  # a queue to the process that draws the bars (a worker of `asbatch run --jobs K`)
+
+
+def set_bar_sink(queue) -> None:
+    """In a worker: send bar events to `queue` (the parent draws them) instead of drawing here."""
+    global _BAR_SINK
+    _BAR_SINK = queue
+
+
 def is_terminal() -> bool:
-    """Whether stdout is a terminal that gets bars; ASBATCH_PROGRESS=lines asks for lines even there (several
-    runs at once share the terminal)."""
+    """Whether stdout is a terminal that gets bars (or the bars go to a parent that draws them);
+    ASBATCH_PROGRESS=lines asks for lines even there."""
     from rich.console import Console
 
     if os.environ.get("ASBATCH_PROGRESS") == "lines":
         return False
+    if _BAR_SINK is not None:
+        return True
 
     console = Console()
     return console.is_terminal or console.is_jupyter
+
+
+def new_bars():
+    """The rich Progress every run's bars are drawn with (one task per run, one for its evaluation)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[stats]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
 
 
 class RunReport:
@@ -109,11 +131,7 @@ class RunReport:
             self._start_bar(facts)
 
     def _start_bar(self, facts: RunFacts) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
-                             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                             transient=False)
+        self._bar = SinkBar(_BAR_SINK, self.run_id) if _BAR_SINK is not None else new_bars()
         self._bar.start()
         self._task = self._bar.add_task(self.label if self.label and self.label != "-" else self.run_id,
                                         total=self.epochs * facts.steps_per_epoch, completed=facts.global_step,
@@ -178,3 +196,59 @@ class RunReport:
                 self._bar.update(self._eval_task, total=self._bar.tasks[-1].completed)
             self._bar.stop()
             self._bar = None
+
+
+@dataclass
+class _SinkTask:
+    total: float | None
+    completed: float
+
+
+class SinkBar:
+    """What `RunReport` uses of rich's Progress, sent as events (run id, kind, task, data) to the process
+    that draws every run's bars. Step advances are sent at most every 0.2 s (a queue put per step would be
+    host work in the training loop)."""
+
+    def __init__(self, sink, run_id: str) -> None:
+        self.sink, self.run_id, self.tasks = sink, run_id, []
+        self.console = self
+        self._pending: dict[int, float] = {}
+        self._sent = 0.0
+
+    def _send(self, kind: str, task: int | None, data: Any) -> None:
+        self.sink.put((self.run_id, kind, task, data))
+
+    def print(self, text: Any, **_: Any) -> None:
+        self._flush()
+        self._send("line", None, str(text))
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._flush()
+        self._send("stop", None, None)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
+        self.tasks.append(_SinkTask(total, completed))
+        self._send("add", len(self.tasks) - 1, {"description": description, "total": total, "completed": completed,
+                                               **fields})
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, steps: float = 1) -> None:
+        self.tasks[task].completed += steps
+        self._pending[task] = self._pending.get(task, 0) + steps
+        if time.monotonic() - self._sent > 0.2:
+            self._flush()
+
+    def update(self, task: int, **fields: Any) -> None:
+        self._flush()
+        if "total" in fields:
+            self.tasks[task].total = fields["total"]
+        self._send("update", task, fields)
+
+    def _flush(self) -> None:
+        for task, steps in self._pending.items():
+            self._send("advance", task, steps)
+        self._pending.clear()
+        self._sent = time.monotonic()
