@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ def train_packed(tasks: Sequence[Any], slots: Sequence[Slot], stop: PackStop, en
     up to len(slots) worker processes. Returns one Outcome per task, in the tasks' order; `on_end` is called
     as each run ends. Progress is lines, or with `bars` (a spawn-context queue) bar events for the parent."""
     ctx = multiprocessing.get_context("spawn")
-    pending, outcomes = list(tasks), {}
+    pending, outcomes = sorted(tasks, key=_estimated_cost, reverse=True), {}  # longest first: less idle at the end
     by_dir = {str(Path(t.run_dir)): t.run_id for t in tasks}
     idle: list[_Worker] = []
     busy: dict[Any, _Worker] = {}  # the worker's result pipe -> the worker
@@ -250,11 +251,17 @@ def train_packed(tasks: Sequence[Any], slots: Sequence[Slot], stop: PackStop, en
         for worker in [*idle, *busy.values()]:
             with contextlib.suppress(OSError, ValueError):
                 worker.conn.send(None)
-        for worker in [*idle, *busy.values()]:
-            worker.process.join(timeout=30)
-            if worker.process.is_alive():
-                worker.process.kill()
+        # every outcome is in: the workers' exits (torch's teardown) overlap what the caller prints next;
+        # one that does not exit is killed
+        threading.Thread(target=_retire, args=([*idle, *busy.values()],), daemon=True).start()
     return [outcomes[t.run_id] for t in tasks]
+
+
+def _retire(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.process.join(timeout=30)
+        if worker.process.is_alive():
+            worker.process.kill()
 
 
 def _start(ctx: Any, slot: Slot, env: dict[str, str], stop: PackStop, bars: Any) -> _Worker:
@@ -297,6 +304,16 @@ def _receive(worker: _Worker, stopping: bool) -> Outcome:
     if state == INTERRUPTED:
         return Outcome(task.run_id, INTERRUPTED, detail=rest[0], step=rest[1])
     return Outcome(task.run_id, FAILED, detail=rest[0])
+
+
+def _estimated_cost(task: Any) -> float:
+    """A run's training work, roughly (for the order runs start in, never for their numbers): epochs x
+    steps per epoch x the network passes of a step (1 + N inner passes + 1 adversarial pass under AS)."""
+    config = getattr(task, "config", None) or {}
+    data, adversarial = config.get("data") or {}, config.get("adversarial") or {}
+    steps = (data.get("train_subset") or 50_000) / max(1, data.get("batch_size") or 128)
+    passes = 2 + (adversarial.get("steps") or 0) if (adversarial.get("lam") or 0) > 0 else 1
+    return ((config.get("schedule") or {}).get("epochs") or 1) * steps * passes
 
 
 def _ready(task: Any) -> bool:
