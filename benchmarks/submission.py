@@ -105,7 +105,8 @@ def bench_submit() -> list[Row]:
             to_cancel = sorted(set(arrays) | set(_job_ids(text)), key=int)
             if to_cancel:
                 subprocess.run(["scancel", *to_cancel], check=False, capture_output=True)
-    calls = sum(1 for line in text.splitlines() if line.startswith("CALL "))
+    calls = sum(1 for line in text.splitlines() if line.startswith("CALL ") and "--test-only" not in line)
+    checks = sum(1 for line in text.splitlines() if line.startswith("CALL ") and "--test-only" in line)
     runs = len(sweep.runs)
     note = (f"load_sweep {expanded - start:.2f} s + launch.submit(executor='slurm', dry_run=False) "
             f"{wall - (expanded - start):.2f} s for {runs} runs to the local cluster; arrays {', '.join(arrays)} "
@@ -113,7 +114,8 @@ def bench_submit() -> list[Row]:
     return [
         Row(f"{SUBMIT_NAME}: wall time", wall, "s", f"<= {SUBMIT_GOAL_S:.0f} s", wall <= SUBMIT_GOAL_S, note),
         Row(f"{SUBMIT_NAME}: sbatch calls per stage", calls / stages, "", "1", calls == stages,
-            f"{calls} sbatch call(s) for {stages} stages, counted by a logging shim ahead of sbatch on PATH"),
+            f"{calls} sbatch call(s) for {stages} stages, counted by a logging shim ahead of sbatch on PATH (and "
+            f"{checks} `sbatch --test-only` check(s) before them: one per distinct set of flags, queueing nothing)"),
     ]
 
 
