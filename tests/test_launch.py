@@ -645,7 +645,8 @@ def test_resources_become_submitit_parameters(monkeypatch):
         "gpus_per_node": 4, "mem_gb": 1.5, "slurm_partition": "gpu", "slurm_account": "proj", "slurm_qos": "high",
         "slurm_constraint": "[a100|h100]", "slurm_signal_delay_s": 90, "slurm_array_parallelism": 8,
         "slurm_srun_args": ["--kill-on-bad-exit=1"],
-        "slurm_additional_parameters": {"exclusive": True, "mail-type": "END", "dependency": "afterok:12"},
+        "slurm_additional_parameters": {"requeue": True, "exclusive": True, "mail-type": "END",
+                                        "dependency": "afterok:12"},
         "slurm_setup": ["export OMP_NUM_THREADS=8", "export NOTE='a b'"]}
 
 

@@ -88,11 +88,13 @@ def executor_parameters(sweep: str, stage: SweepStage, env: dict[str, str], depe
     for name in ("partition", "account", "qos", "constraint"):
         if getattr(r, name) is not None:
             params[f"slurm_{name}"] = getattr(r, name)
-    extra: dict[str, Any] = {flag: True if value == "" else value for flag, value in r.extra.items()}
+    # requeueable whatever the site's JobRequeue: the task requeues itself before its time limit
+    # (`scontrol requeue`), which a site with JobRequeue=0 refuses for a job not submitted with --requeue
+    extra: dict[str, Any] = {"requeue": True}
+    extra.update({flag: True if value == "" else value for flag, value in r.extra.items()})
     if dependency:
         extra["dependency"] = dependency
-    if extra:
-        params["slurm_additional_parameters"] = extra
+    params["slurm_additional_parameters"] = extra
     if env or r.setup:  # the profile's env first, so that its setup lines (and python) may use it
         params["slurm_setup"] = [*env_lines(env), *r.setup]
     if r.python:  # submitit takes it in the executor's constructor (`executor_of` pops it from here)
