@@ -20,9 +20,11 @@ import yaml
 from click.testing import CliRunner
 from test_launch import (
     MEDIUM,
+    OFFLINE_WANDB,
     TINY,
     Releaser,
     assert_same_results,
+    assert_wandb_has_every_epoch_once,
     hold,
     job_history,
     release,
@@ -254,7 +256,7 @@ def latest_records(sweep_dir: Path) -> dict:
 @pytest.mark.slow
 def test_usr2_to_a_packed_task_checkpoints_both_runs_requeues_once_and_both_resume_exactly(local_slurm, tmp_path,
                                                                                            releaser):
-    spec = packed_spec(tmp_path / "spec.yaml", "packed_usr2", MEDIUM, {"seed": [0, 1]})
+    spec = packed_spec(tmp_path / "spec.yaml", "packed_usr2", {**MEDIUM, **OFFLINE_WANDB}, {"seed": [0, 1]})
     manifest = submit(load_sweep(spec), tmp_path / "runs", executor="slurm", spec_path=spec)
     first, second = manifest.submissions
     assert first.job_id == second.job_id and "_" not in first.job_id, "one task: a plain job"
@@ -273,6 +275,7 @@ def test_usr2_to_a_packed_task_checkpoints_both_runs_requeues_once_and_both_resu
     assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
     for run_dir in dirs:
         assert json.loads((run_dir / "requeues.json").read_text())["count"] == 1, "the task requeued once"
+        assert_wandb_has_every_epoch_once(run_dir)  # each packed run's own W&B run, across the requeue
     assert_same_results(dirs[0], reference)
     log = (dirs[0].parent / ".slurm" / job / f"{job}_0_log.out").read_text()
     assert "2 packed runs: SIGUSR2 -> checkpoints; requeued job" in log, log[-3000:]

@@ -180,8 +180,8 @@ class _Worker:
 
 @dataclass
 class PackStop:
-    """What the parent polls (`is_set`) and which signal it forwards (`signum`); `on_force` gets the
-    workers' kill when a second signal ends the parent at once."""
+    """What the parent polls (`is_set`) and which signal it forwards (`signum`); `kill_workers` is what a
+    second signal calls before it ends the parent at once."""
 
     is_set: Callable[[], bool]
     signum: Callable[[], int | None]
