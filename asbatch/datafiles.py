@@ -68,3 +68,15 @@ def check_present(needs: Iterable[tuple[str, str, str | None]], environ: Mapping
                 raise DataMissingError(
                     f"{name}: missing {path.absolute()}; data sets are never downloaded during a run, so on a machine "
                     f"with internet run: asbatch data download {name} --root {base.absolute()}")
+
+
+def data_needs(configs) -> list[tuple[str, str, str | None]]:
+    """(data set, split, root) of every file set these runs read: train and test split of their data, the
+    test split of their OOD set."""
+    needs = []
+    for config in configs:
+        data = config.data
+        needs += [(data.name, "train", data.root), (data.name, "test", data.root)]
+        if config.eval.ood:
+            needs.append((config.eval.ood, "test", data.root))
+    return needs

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from cli_helpers import on_terminal
 from click.testing import CliRunner
 from test_launch import (
     MEDIUM,
@@ -109,29 +110,10 @@ def test_jobs_2_trains_two_runs_at_once_a_signal_checkpoints_both_and_the_rerun_
 
 @pytest.mark.slow
 def test_on_a_terminal_the_command_draws_a_bar_per_active_run_from_its_workers(tmp_path):
-    import pty
-    import select
-
     spec = two_runs(tmp_path / "spec.yaml", "bars", 2)
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: `asbatch run --jobs 2` on a (pseudo) terminal 100 columns wide
-        os.execve(sys.executable, [sys.executable, "-m", "asbatch", "run", str(spec), "--jobs", "2",  # noqa: S606
-                                   "--runs-root", str(tmp_path / "runs")], env(COLUMNS="100", TERM="xterm"))
-    chunks = []
-    while True:
-        ready, _, _ = select.select([fd], [], [], 120)
-        assert ready, "no output for 120 s"
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    _, status = os.waitpid(pid, 0)
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
-    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
-    screen = [line for chunk in text.split("\n") for line in chunk.split("\r") if line.strip()]
+    code, text, screen = on_terminal(["run", str(spec), "--jobs", "2", "--runs-root", str(tmp_path / "runs")],
+                                     env(COLUMNS="100", TERM="xterm"))
+    assert code == 0, text[-2000:]
     bars = [line for line in screen if "━" in line]
     for label in ("lam=0 ", "lam=0.8 "):
         assert any(line.startswith(label) and "epoch 2/2  loss" in line for line in bars), text[-3000:]

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import on_terminal
 
 pytestmark = pytest.mark.slow
 
@@ -186,25 +185,9 @@ def test_a_second_stop_signal_stops_at_once(tmp_path):
 
 def test_a_terminal_gets_a_bar_per_run_that_stays_and_an_evaluation_bar(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", "tty", epochs=2, lams=(0.0,))
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: `asbatch run` on a (pseudo) terminal 100 columns wide
-        os.execve(sys.executable, [sys.executable, "-m", "asbatch", "run", str(spec), "--runs-root",  # noqa: S606
-                                   str(tmp_path / "runs")], env(COLUMNS="100", TERM="xterm"))
-    chunks = []
-    while True:
-        ready, _, _ = select.select([fd], [], [], 120)
-        assert ready, "no output for 120 s"
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    _, status = os.waitpid(pid, 0)
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
-    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
-    screen = [line for chunk in text.split("\n") for line in chunk.split("\r") if line.strip()]
+    code, text, screen = on_terminal(["run", str(spec), "--runs-root", str(tmp_path / "runs")],  # 100 columns
+                                     env(COLUMNS="100", TERM="xterm"))
+    assert code == 0, text[-2000:]
     bars = [line for line in screen if "━" in line]
     assert any(line.startswith("lam=0 ") and "epoch 2/2  loss" in line for line in bars), text[-2000:]
     assert any(line.startswith("final evaluation") and "3 weight samples" in line for line in bars)

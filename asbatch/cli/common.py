@@ -143,15 +143,9 @@ def check_data_or_exit(sweep, stages, dry_run: bool = False) -> None:
     """Every selected run's data sets are on disk (train and test split, the OOD set's test split), under each
     run's data root ($ASBATCH_DATA from the profile's env, else this process's). Missing: exit 1 (a dry run
     only warns), before any run dir or manifest is written."""
-    from asbatch.datafiles import DataMissingError, check_present
+    from asbatch.datafiles import DataMissingError, check_present, data_needs
 
-    needs = []
-    for stage in stages:
-        for run in stage.runs:
-            data = run.config.data
-            needs += [(data.name, "train", data.root), (data.name, "test", data.root)]
-            if run.config.eval.ood:
-                needs.append((run.config.eval.ood, "test", data.root))
+    needs = data_needs(run.config for stage in stages for run in stage.runs)
     try:
         check_present(needs, {**os.environ, **sweep.env})
     except DataMissingError as err:

@@ -311,14 +311,9 @@ def stage_fact(stage, site: Site) -> Fact:
 
 def data_fact(sweep) -> Fact:
     """Every run's data sets on disk, as `asbatch submit` checks them before it writes anything."""
-    from asbatch.datafiles import FACTS, DataMissingError, check_present
+    from asbatch.datafiles import FACTS, DataMissingError, check_present, data_needs
 
-    needs = []
-    for run in sweep.runs:
-        data = run.config.data
-        needs += [(data.name, "train", data.root), (data.name, "test", data.root)]
-        if run.config.eval.ood:
-            needs.append((run.config.eval.ood, "test", data.root))
+    needs = data_needs(run.config for run in sweep.runs)
     try:
         check_present(needs, {**os.environ, **sweep.env})
     except DataMissingError as err:

@@ -28,7 +28,6 @@ from asbatch.spec.sbatch import ALLOWED_EXTRA_FLAGS as ALLOWED_EXTRA_FLAGS  # re
 from asbatch.spec.sbatch import (
     MAX_MEM_GB,
     MAX_SETUP_LINES,
-    MAX_TOKEN,
     MIN_MEM_MB,
     ExtraFlag,
     ExtraValue,
@@ -36,6 +35,7 @@ from asbatch.spec.sbatch import (
     ShellLine,
     check_extra_value,
     no_control,
+    token,
 )
 
 PROFILES_ENV = "ASBATCH_PROFILES"
@@ -55,12 +55,7 @@ RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_", "BASH_FUNC_"
 # ---------------------------------------------------------------------------------------------- tokens
 
 def _slurm_token(value: str) -> str:
-    no_control(value)
-    if len(value) > MAX_TOKEN:
-        raise ValueError(f"at most {MAX_TOKEN} characters")
-    if not _SLURM_TOKEN.fullmatch(value):
-        raise ValueError(r"only letters, digits and _ . , : | & ! [ ] * - are allowed")
-    return value
+    return token(value, _SLURM_TOKEN, "_ . , : | & ! [ ] * -")
 
 
 def _safe_name(value: str) -> str:

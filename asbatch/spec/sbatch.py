@@ -87,13 +87,18 @@ def _extra_flag(name: str) -> str:
     raise ValueError(f"sbatch flag not allowed here (allowed: {', '.join(sorted(ALLOWED_EXTRA_FLAGS))}){hint}")
 
 
-def _extra_value(value: str) -> str:
+def token(value: str, pattern: re.Pattern[str], allowed: str) -> str:
+    """`value` as one Slurm token: no control characters, at most MAX_TOKEN characters, only `pattern`."""
     no_control(value)
     if len(value) > MAX_TOKEN:
         raise ValueError(f"at most {MAX_TOKEN} characters")
-    if not _EXTRA_VALUE.fullmatch(value):
-        raise ValueError(r"only letters, digits and _ . , : | & ! [ ] * @ % + = / - are allowed")
+    if not pattern.fullmatch(value):
+        raise ValueError(f"only letters, digits and {allowed} are allowed")
     return value
+
+
+def _extra_value(value: str) -> str:
+    return token(value, _EXTRA_VALUE, "_ . , : | & ! [ ] * @ % + = / -")
 
 
 def check_extra_value(flag: str, value: str) -> None:
