@@ -15,7 +15,7 @@ from cli_helpers import invoke, rejected
 from fakeslurm import FakeSlurm
 from test_launch import TINY, sacct, wait_for, wait_for_results
 
-from asbatch.launch import LaunchError, Manifest, submit, sweep_status
+from asbatch.launch import LaunchError, Manifest, cancel, submit, sweep_status
 from asbatch.rundir import SweepDir
 from asbatch.spec import load_sweep
 
@@ -55,6 +55,8 @@ def test_stages_larger_than_max_array_size_become_several_arrays_and_each_downst
     assert {r.state for r in sweep_status(tmp_path / "runs" / "split").runs} == {"PENDING"}
     again = submit(load_sweep(path), tmp_path / "runs", executor="slurm", spec_path=path)
     assert [p.runs for p in again.submitted] == [[], []], "every run of every array is known as queued"
+    assert cancel(tmp_path / "runs" / "split") == ["1000", "1001", "1002", "1003"], "cancel reaches every array"
+    assert slurm.calls("scancel")[-1] == ["1000", "1001", "1002", "1003"]
 
 
 def test_a_submit_limit_refusal_says_the_numbers_and_the_way_out_and_the_manifest_holds_what_was_queued(
