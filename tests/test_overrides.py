@@ -125,7 +125,8 @@ def test_a_local_dry_run_says_what_will_run_in_which_order_and_writes_nothing(tm
     profile = tmp_path / "profile.yaml"
     profile.write_text(yaml.safe_dump({"env": {"MY_API_KEY": "not-to-be-shown", "OMP_NUM_THREADS": "1"}}))
     spec = write(tmp_path / "spec.yaml", {**SPEC, "profile": str(profile)})
-    result = invoke("submit", spec, "seed=[5]", "--executor", "local", "--dry-run", "--runs-root", tmp_path / "runs")
+    result = invoke("submit", spec, "seed=[5]", "--executor", "local", "--dry-run", "--jobs", "1", "--runs-root",
+                    tmp_path / "runs")
     assert result.exit_code == 0, result.output
     ids = [r.run_id for r in load_sweep(spec, overrides={"grid.seed": [5]}).runs]
     order = f"in one background process, one after another in stage order: {', '.join(ids)}"

@@ -92,7 +92,7 @@ def test_jobs_2_trains_two_runs_at_once_a_signal_checkpoints_both_and_the_rerun_
         os.kill(pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
-    assert "2 runs at once, each in its own process (1 thread; 1 thread)" in out, out
+    assert "2 runs at once, each in its own process (1 thread each)" in out, out
     assert "Traceback" not in err and "WorkerDied" not in err, err
     dirs = run_dirs(tmp_path / "runs" / "packed")
     for run_dir in dirs:
@@ -319,6 +319,18 @@ def test_a_packed_fine_tune_task_waits_for_the_tasks_of_its_own_runs_upstream_ru
     assert [r.job_id for r in manifest.submissions if r.stage == "fine_tune"] == ["1001_0", "1001_0", "1001_1",
                                                                                   "1001_1"]
     assert sorted(c for c in slurm.calls("scontrol") if c[0] == "update") == narrowed
+
+
+def test_submit_jobs_sets_the_local_executors_runs_at_once_and_is_refused_for_slurm(local_slurm, tmp_path):
+    from cli_helpers import invoke, rejected
+
+    spec = two_runs(tmp_path / "spec.yaml", "local_jobs", 1)
+    local = invoke("submit", spec, "--executor", "local", "--dry-run", "--jobs", "2", "--runs-root", tmp_path / "r")
+    assert local.exit_code == 0 and "in one background process, up to 2 at once in stage order: " in local.output
+    rejected(invoke("submit", spec, "--executor", "slurm", "--jobs", "2", "--runs-root", tmp_path / "r"),
+             "--jobs 2 is for the local executor (runs at once on this machine); on Slurm pack several runs into each "
+             "array task with resources.runs_per_task")
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_killed_submit_of_a_packed_array_is_resolved_to_each_runs_task(tmp_path, monkeypatch):

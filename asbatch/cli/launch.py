@@ -34,9 +34,11 @@ SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNO
                    "auto: slurm where sbatch exists, else local")
 @click.option("--dry-run", is_flag=True, help="print the runs and what would run them; submit nothing")
 @click.option("--stage", "stages", multiple=True, help="only these stages (default: all)")
+@click.option("--jobs", "-j", type=click.IntRange(1, 4096), default=None,
+              help="local executor: train up to this many runs at once (default: fill the cores)")
 @runs_root_option
 def submit_command(spec_path: Path, overrides: tuple[str, ...], executor: str, dry_run: bool, stages: tuple[str, ...],
-                   runs_root: Path) -> None:
+                   jobs: int | None, runs_root: Path) -> None:
     """Submit a spec: one job array per stage, each run after its own upstream runs.
 
     OVERRIDES are KEY=VALUE as for `asbatch run` (`schedule.epochs=2`, `adversarial.lam=[0,0.8]`); they
@@ -50,14 +52,14 @@ def submit_command(spec_path: Path, overrides: tuple[str, ...], executor: str, d
 
     try:  # submit() creates the runs root once the plan stands: a plan that cannot be submitted writes nothing
         manifest = submit(sweep, runs_root, executor=executor, stages=stages or None, dry_run=dry_run,
-                          spec_path=spec_path, overrides=mapped)
+                          spec_path=spec_path, overrides=mapped, jobs=jobs)
     except (DamagedStateError, UnmetUpstreamError) as err:
         fail(err, 2)
     except LaunchError as err:
         fail(err)
     console = make_console()
     if dry_run:
-        _print_dry_run(console, sweep, manifest)
+        _print_dry_run(console, sweep, manifest, jobs)
         return
     subs = manifest.submitted
     kind = subs[0].executor if subs else executor
@@ -89,7 +91,7 @@ def _why(skipped: dict[str, str]) -> str:
     return ", ".join(f"{n} {r}" for r, n in reasons.items())
 
 
-def _print_dry_run(console, sweep, manifest) -> None:
+def _print_dry_run(console, sweep, manifest, jobs: int | None = None) -> None:
     from rich.table import Table
 
     from asbatch.launch.plan import packing_lines
@@ -121,9 +123,14 @@ def _print_dry_run(console, sweep, manifest) -> None:
                 console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
     local = [run_id for sub in manifest.submitted if sub.executor != "slurm" for run_id in sub.run_ids]
     if local:
-        where = "in one background process" if manifest.submitted[0].executor == "local" else "in this process"
+        from asbatch.launch.pack import local_jobs
+
+        in_background = manifest.submitted[0].executor == "local"
+        at_once = local_jobs(sweep.env, len(local), jobs)[0] if in_background else 1
+        where = "in one background process" if in_background else "in this process"
+        how = "one after another" if at_once == 1 else f"up to {at_once} at once"
         env = " ".join(f"{k}={'***' if SECRET_NAME.search(k) else v}" for k, v in sweep.env.items()) or "none"
-        console.print(f"{where}, one after another in stage order: {', '.join(local)}; environment from the "
+        console.print(f"{where}, {how} in stage order: {', '.join(local)}; environment from the "
                       f"profile: {env}; each run's output in its run dir (asbatch logs RUN)", soft_wrap=True,
                       markup=False, highlight=False)
         if any(stage.resources.setup or stage.resources.python for stage in sweep.stages):

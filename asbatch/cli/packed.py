@@ -38,8 +38,10 @@ def run_packed(sweep, selected, runs_root: Path, jobs: int, stop) -> list[dict]:
     threads = sweep.env.get(THREADS_ENV, "")
     threads_per_run = int(threads) if threads.isdigit() and int(threads) > 0 else None
     slots = _slots(runs, jobs, threads_per_run)
-    click.echo(f"{count(len(slots), 'run')} at once, each in its own process ({'; '.join(s.describe() for s in slots)})"
-               "; --jobs 1 trains them one by one in this process")
+    shares = list(dict.fromkeys(s.describe() for s in slots))
+    each = f"{shares[0]} each" if len(shares) == 1 else "; ".join(s.describe() for s in slots)
+    click.echo(f"{count(len(slots), 'run')} at once, each in its own process ({each}); --jobs 1 trains them one by "
+               "one in this process")
     pack_stop = PackStop(stop.is_set, lambda: stop.first if stop.is_set() else None)
     stop.on_force.append(pack_stop.kill_workers)
 

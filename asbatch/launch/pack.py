@@ -353,9 +353,9 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def local_jobs(env: dict[str, str], runs: int) -> tuple[int, int | None]:
-    """The local executor's runs at once (CPU cores / the profile's threads per run, at most `runs`) and the
-    threads per run (None: not set by the profile)."""
+def local_jobs(env: dict[str, str], runs: int, jobs: int | None = None) -> tuple[int, int | None]:
+    """The local executor's runs at once (`jobs`, else CPU cores / the profile's threads per run; at most
+    `runs`) and the threads per run (None: not set by the profile)."""
     threads = env.get(THREADS_ENV, "")
     per_run = int(threads) if threads.isdigit() and int(threads) > 0 else None
-    return max(1, min(runs, default_cpu_jobs(per_run))), per_run
+    return max(1, min(runs, jobs or default_cpu_jobs(per_run))), per_run

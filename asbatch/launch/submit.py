@@ -101,21 +101,24 @@ def _describe(plan: StageSubmission, sweep: Sweep, dependency: str | None) -> No
 
 def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: Sequence[str] | None = None,
            dry_run: bool = False, spec_path: str | Path | None = None, only: set[str] | None = None,
-           overrides: dict[str, Any] | None = None) -> Manifest:
+           overrides: dict[str, Any] | None = None, jobs: int | None = None) -> Manifest:
     """Submit every run of `sweep` that has not finished and is not queued: one job array per stage, each
     after (`afterok`) the arrays of its upstream runs. Returns at once with the updated manifest; its
     `submitted` lists the arrays of this call. `dry_run` plans and returns without submitting or writing.
     `only` restricts the submission to these run ids (what `retry` uses). `overrides` (the spec paths the
     sweep was loaded with, `load_sweep(path, overrides=...)`) are recorded with each run, for `retry`.
-    Unknown `stages` are a SpecError."""
+    Unknown `stages` are a SpecError. `jobs`: the local executor's runs at once (default: fill the cores)."""
     kind = resolve_executor(executor)
+    if jobs is not None and kind == "slurm":
+        raise SpecError(f"--jobs {jobs} is for the local executor (runs at once on this machine); on Slurm pack "
+                        "several runs into each array task with resources.runs_per_task")
     selected = sweep.select_stages(stages)
     sweep_dir = SweepDir.at(Path(runs_root).resolve(), sweep.name)
     _check_script_strings(sweep, sweep_dir)
     spec = str(Path(spec_path).resolve()) if spec_path else None
     if dry_run:
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
-        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True)
+        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True, jobs=jobs)
     # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
     # whose upstream is neither finished nor queued) fails here, with nothing written
     # and ask the cluster whether it takes each stage's resources (sbatch --test-only)
@@ -130,7 +133,7 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
             manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
             manifest.settle()  # a killed submit's jobs: recorded now, or (Slurm silent) never queued twice
             manifest.overrides = dict(overrides or {})
-            return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False)
+            return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False, jobs=jobs)
     except LaunchError:
         _remove_if_unused(sweep_dir, created)
         raise
@@ -188,7 +191,7 @@ def _make_runs_root(root: Path) -> None:
 
 
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
-                   only: set[str] | None, dry_run: bool) -> Manifest:
+                   only: set[str] | None, dry_run: bool, jobs: int | None = None) -> Manifest:
     status, _ = run_statuses(manifest)
     plans = _planned(sweep, sweep_dir, kind, status, stages, only)
     manifest.dry_run, manifest.submitted = dry_run, plans
@@ -201,7 +204,7 @@ def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manif
     if kind == "slurm":
         _submit_slurm(sweep, sweep_dir, manifest, plans, status)
     else:
-        _submit_sequential(sweep, sweep_dir, kind, manifest, plans)
+        _submit_sequential(sweep, sweep_dir, kind, manifest, plans, jobs)
     return manifest
 
 
@@ -289,7 +292,7 @@ def _pending_files(sweep_dir: SweepDir) -> set[Path]:
 
 
 def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest,
-                       plans: list[StageSubmission]) -> None:
+                       plans: list[StageSubmission], jobs: int | None = None) -> None:
     """local / debug: one job that trains every planned run in stage order."""
     items = []
     for plan in plans:
@@ -303,7 +306,7 @@ def _submit_sequential(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: M
     ex = submitit.AutoExecutor(folder=sweep_dir.job_folder_of(kind), cluster=kind)
     first = next(p for p in plans if p.runs)
     ex.update_parameters(name=f"{sweep.name}:{first.name}", timeout_min=timeout)
-    jobs, threads = local_jobs(sweep.env, len(items)) if kind == "local" else (1, None)
+    jobs, threads = local_jobs(sweep.env, len(items), jobs) if kind == "local" else (1, None)
     with detached_output() if kind == "local" else contextlib.nullcontext():
         job = ex.submit(SequentialTask(items, jobs=jobs, threads=threads))
     for plan in plans:
