@@ -348,6 +348,17 @@ def test_a_killed_submit_of_a_packed_array_is_resolved_to_each_runs_task(tmp_pat
     assert [r.job_id for r in records] == ["77_0", "77_0", "77_1"]
 
 
+def test_the_machine_is_filled_from_the_cpus_this_process_may_use_even_without_an_affinity_call(monkeypatch):
+    from asbatch.launch import pack
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 9}, raising=False)  # `taskset -c 4-7,9`
+    assert pack.default_cpu_jobs(2) == 2 and pack.default_cpu_jobs(None) == 1
+    assert pack.split_cpus(2) == [(4, 5, 6), (7, 9)] and pack.split_cpus(6) == [None] * 6
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has none: every CPU
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert pack.default_cpu_jobs(1) == 8 and pack.local_jobs({"OMP_NUM_THREADS": "4"}, runs=6) == (2, 4)
+
+
 def test_the_mps_daemon_runs_with_job_private_dirs_while_the_block_runs_and_is_told_to_quit(tmp_path, monkeypatch):
     from asbatch.launch.mps import mps_daemon
 

@@ -72,10 +72,18 @@ def _ranges(cpus: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity: a Slurm task's own, a `taskset`); every CPU where the
+    OS has no affinity call (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def split_cpus(jobs: int, cpus: Sequence[int] | None = None) -> list[tuple[int, ...] | None]:
     """This process's CPUs in `jobs` contiguous shares (the first ones get the remainder); None for every
     share when there are fewer CPUs than jobs (they share all of them)."""
-    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    cpus = sorted(cpus if cpus is not None else usable_cpus())
     if jobs < 1 or len(cpus) < jobs:
         return [None] * max(jobs, 0)
     base, extra = divmod(len(cpus), jobs)
@@ -104,7 +112,7 @@ def gpu_slots(gpus: Sequence[str], runs_per_gpu: int, threads: int | None) -> li
 
 def default_cpu_jobs(threads_per_run: int | None) -> int:
     """Runs that fill this machine's CPUs (the ones this process may use) at `threads_per_run` threads each."""
-    cores = len(os.sched_getaffinity(0))
+    cores = len(usable_cpus())
     return max(1, cores // max(1, threads_per_run or cores))
 
 
@@ -136,7 +144,7 @@ def _worker(slot: Slot, env: dict[str, str], plain: bool, conn: Connection, igno
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _die_with_parent()
-    if slot.cpus:
+    if slot.cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, slot.cpus)
     if slot.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
