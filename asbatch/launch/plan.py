@@ -69,7 +69,9 @@ class StageSubmission:
 
 
 def plan_stages(sweep: Sweep, sweep_dir: SweepDir, kind: str, status: dict[str, RunStatus],
-          stages: Sequence[SweepStage], only: set[str] | None) -> list[StageSubmission]:
+                stages: Sequence[SweepStage], only: set[str] | None) -> list[StageSubmission]:
+    """Each stage's runs to submit now (not finished, not queued), what they wait for, and why the others
+    are skipped; an upstream run neither finished nor queued nor submitted now is an error."""
     finished = {run.run_id for run in sweep.runs if sweep_dir.run(run.run_id).is_finished()}
     plans: list[StageSubmission] = []
     submitted_now: dict[str, set[str]] = {}
@@ -112,7 +114,8 @@ def _add_upstream(plan: StageSubmission, kind: str, stage: SweepStage, run_: Swe
                           f"under the {up.executor} executor; wait for it, then submit again")
     else:
         raise UnmetUpstreamError(f"stage {stage.name}: run {run_.run_id} needs run {up_id} of stage "
-                          f"{up_stage!r}, which has not finished and is not queued; submit stage {up_stage!r} too")
+                                 f"{up_stage!r}, which has not finished and is not queued; submit stage "
+                                 f"{up_stage!r} too")
 
 
 def job_order(job: str) -> list[int]:
