@@ -20,9 +20,8 @@ import click
 from asbatch.cli.app import error_line
 
 
-def run_packed(sweep, selected, runs_root: Path, jobs: int, stop) -> list[dict]:
-    """Train the selected stages' runs `jobs` at once; returns the finished runs' results in run order."""
-    from asbatch.launch.environment import THREADS_ENV
+def run_packed(sweep, selected, runs_root: Path, slots: list, stop) -> list[dict]:
+    """Train the selected stages' runs in `slots` at once; returns the finished runs' results in run order."""
     from asbatch.launch.pack import COMPLETED, FAILED, INTERRUPTED, PackStop, train_packed
     from asbatch.launch.task import TrainTask
     from asbatch.names import count, point_label
@@ -35,9 +34,6 @@ def run_packed(sweep, selected, runs_root: Path, jobs: int, stop) -> list[dict]:
                          upstream=[str(sweep_root / up) for up in run.upstream.values()])
         task.wait_if_busy = False  # as one by one: a run another process trains is an error, said at once
         tasks.append(task)
-    threads = sweep.env.get(THREADS_ENV, "")
-    threads_per_run = int(threads) if threads.isdigit() and int(threads) > 0 else None
-    slots = _slots(runs, jobs, threads_per_run)
     shares = list(dict.fromkeys(s.describe() for s in slots))
     each = f"{shares[0]} each" if len(shares) == 1 else "; ".join(s.describe() for s in slots)
     click.echo(f"{count(len(slots), 'run')} at once, each in its own process ({each}); --jobs 1 trains them one by "
@@ -73,17 +69,6 @@ def run_packed(sweep, selected, runs_root: Path, jobs: int, stop) -> list[dict]:
         error_line(f"{count(len(failed), 'run')} of {len(outcomes)} did not finish: {first.run_id}: {first.detail}"
                    f"{more}", 1)
     return results
-
-
-def _slots(runs, jobs: int, threads: int | None) -> list:
-    """On GPUs: the runs spread over the visible GPUs; else `jobs` CPU slots."""
-    from asbatch.launch.pack import cpu_slots, gpu_slots, visible_gpus
-
-    gpus = visible_gpus() if any(not run.config.cpu for run in runs) else []
-    if not gpus:
-        return cpu_slots(jobs, threads)
-    per_gpu = max(1, -(-jobs // len(gpus)))  # ceil: jobs spread over the GPUs
-    return gpu_slots(gpus, per_gpu, threads)[:jobs]
 
 
 class BarBoard:

@@ -111,14 +111,15 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
         click.echo(f"{sweep.name}: {count(len(runs), 'run')} in "
                    f"{', '.join(s.name for s in selected)}{given} -> {runs_root / sweep.name}; Ctrl-C stops after the "
                    "current step")
-    jobs = min(jobs or _default_jobs(sweep, selected, runs), max(1, len(runs)))
-    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        error_line(f"--jobs {jobs}: under torchrun / srun every process trains the same run with DDP; use --jobs 1", 2)
+    slots = _slots(sweep, selected, runs, jobs)
+    if len(slots) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        error_line(f"--jobs {len(slots)}: under torchrun / srun every process trains the same run with DDP; use "
+                   "--jobs 1", 2)
     stop = StopSignals(speak=main_rank).install()
-    if jobs > 1:
+    if len(slots) > 1:
         from asbatch.cli.packed import run_packed
 
-        _print_table(sweep.name, run_packed(sweep, selected, runs_root, jobs, stop), runs_root)
+        _print_table(sweep.name, run_packed(sweep, selected, runs_root, slots, stop), runs_root)
         return
     from asbatch.train import TrainingInterrupted, train
 
@@ -138,19 +139,15 @@ def run_command(spec_path: Path, overrides: tuple[str, ...], runs_root: Path, st
         _print_table(sweep.name, results, runs_root)
 
 
-def _default_jobs(sweep, selected, runs) -> int:
-    """Fill the machine: one run per GPU (times the stages' runs_per_task) where the runs use GPUs, else CPU
-    cores divided by the profile's threads per run."""
-    from asbatch.launch.environment import THREADS_ENV
-    from asbatch.launch.pack import default_cpu_jobs, visible_gpus
+def _slots(sweep, selected, runs, jobs: int | None) -> list:
+    """Where the runs train at once (`asbatch.launch.pack.local_slots`: `--jobs`, by default the machine
+    filled); none (one by one, here) with one run, `--jobs 1`, or under torchrun / srun without `--jobs`."""
+    from asbatch.launch.pack import local_slots, visible_gpus
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or len(runs) < 2:
-        return 1
+    if len(runs) < 2 or jobs == 1 or (jobs is None and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return []
     gpus = visible_gpus() if any(not run.config.cpu for run in runs) else []
-    if gpus:
-        return len(gpus) * max(stage.resources.runs_per_task for stage in selected)
-    threads = sweep.env.get(THREADS_ENV, "")
-    return default_cpu_jobs(int(threads) if threads.isdigit() and int(threads) > 0 else None)
+    return local_slots(sweep.env, len(runs), jobs, gpus, max(stage.resources.runs_per_task for stage in selected))
 
 
 def _interrupted(what: str, code: int) -> None:

@@ -16,9 +16,15 @@ from collections.abc import Mapping
 THREADS_ENV = "OMP_NUM_THREADS"
 
 
+def profile_threads(env: Mapping[str, str]) -> int | None:
+    """The threads per run `env` sets (OMP_NUM_THREADS, a positive integer); None where it sets none."""
+    threads = env.get(THREADS_ENV, "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else None
+
+
 def apply_profile_env(env: Mapping[str, str]) -> None:
     """Export the profile's variables (they win, as in a job script) and apply the thread count to torch."""
     os.environ.update(env)
-    threads = env.get(THREADS_ENV, "")
-    if "torch" in sys.modules and threads.isdigit() and int(threads) > 0:
-        sys.modules["torch"].set_num_threads(int(threads))
+    threads = profile_threads(env)
+    if "torch" in sys.modules and threads is not None:
+        sys.modules["torch"].set_num_threads(threads)

@@ -26,10 +26,9 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from asbatch.launch.environment import THREADS_ENV, apply_profile_env
+from asbatch.launch.environment import THREADS_ENV, apply_profile_env, profile_threads
 from asbatch.rundir import RunDir
 
-PLAIN_PROGRESS_ENV = "ASBATCH_PROGRESS"  # "lines": progress as lines, never a bar (several runs share a terminal)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
 COMPLETED, FAILED, INTERRUPTED, NOT_RUN = "COMPLETED", "FAILED", "INTERRUPTED", "NOT RUN"
 
@@ -148,14 +147,14 @@ def _worker(slot: Slot, env: dict[str, str], plain: bool, conn: Connection, igno
         os.sched_setaffinity(0, slot.cpus)
     if slot.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
-    if plain:
-        os.environ[PLAIN_PROGRESS_ENV] = "lines"
     if slot.threads and THREADS_ENV not in env:
         os.environ[THREADS_ENV] = str(slot.threads)
     apply_profile_env(env)  # the profile's variables win, as in a job script
-    if bars is not None:  # a terminal: the parent draws every run's bar
-        from asbatch.train.progress import set_bar_sink
+    from asbatch.train.progress import PROGRESS_ENV, set_bar_sink  # imports torch: after the environment
 
+    if plain:
+        os.environ[PROGRESS_ENV] = "lines"  # several runs share the terminal: lines, never a bar
+    if bars is not None:  # a terminal: the parent draws every run's bar
         set_bar_sink(bars)
     while (task := conn.recv()) is not None:
         conn.send(_train_one(task, stop))
@@ -364,6 +363,16 @@ def visible_gpus() -> list[str]:
 def local_jobs(env: dict[str, str], runs: int, jobs: int | None = None) -> tuple[int, int | None]:
     """The local executor's runs at once (`jobs`, else CPU cores / the profile's threads per run; at most
     `runs`) and the threads per run (None: not set by the profile)."""
-    threads = env.get(THREADS_ENV, "")
-    per_run = int(threads) if threads.isdigit() and int(threads) > 0 else None
+    per_run = profile_threads(env)
     return max(1, min(runs, jobs or default_cpu_jobs(per_run))), per_run
+
+
+def local_slots(env: dict[str, str], runs: int, jobs: int | None, gpus: Sequence[str], runs_per_gpu: int) -> list[Slot]:
+    """`asbatch run`'s slots: `jobs` of them (default: fill the machine: one run per GPU times `runs_per_gpu`
+    where the runs use GPUs, else CPU cores / the profile's threads per run), at most one per run. On GPUs
+    the slots are spread over them."""
+    threads = profile_threads(env)
+    if not gpus:
+        return cpu_slots(local_jobs(env, runs, jobs)[0], threads)
+    count = max(1, min(runs, jobs or len(gpus) * runs_per_gpu))
+    return gpu_slots(gpus, math.ceil(count / len(gpus)), threads)[:count]

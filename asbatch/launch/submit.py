@@ -118,12 +118,14 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
     spec = str(Path(spec_path).resolve()) if spec_path else None
     if dry_run:
         manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
-        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True, jobs=jobs)
+        return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=True, jobs=jobs,
+                              max_tasks=_max_tasks(kind))
     # plan once before taking the lock (which creates the sweep dir): a plan that cannot be submitted (a run
     # whose upstream is neither finished nor queued) fails here, with nothing written
     # and ask the cluster whether it takes each stage's resources (sbatch --test-only)
     status = run_statuses(Manifest.load_or_new(sweep_dir, sweep.name, spec))[0]
-    first = _planned(sweep, sweep_dir, kind, status, selected, only)
+    max_tasks = _max_tasks(kind)
+    first = _planned(sweep, sweep_dir, kind, status, selected, only, max_tasks)
     _describe_all(first, sweep, kind)
     check_with_cluster(first)
     created = [p for p in (sweep_dir.path, sweep_dir.path.parent) if not p.exists()]  # innermost first
@@ -133,17 +135,24 @@ def submit(sweep: Sweep, runs_root: str | Path, executor: str = "auto", stages: 
             manifest = Manifest.load_or_new(sweep_dir, sweep.name, spec)
             manifest.settle()  # a killed submit's jobs: recorded now, or (Slurm silent) never queued twice
             manifest.overrides = dict(overrides or {})
-            return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False, jobs=jobs)
+            return _submit_locked(sweep, sweep_dir, kind, manifest, selected, only, dry_run=False, jobs=jobs,
+                                  max_tasks=max_tasks)
     except LaunchError:
         _remove_if_unused(sweep_dir, created)
         raise
 
 
+def _max_tasks(kind: str) -> int | None:
+    """The most tasks one array may have on this cluster (its MaxArraySize; Slurm's default 1001 where
+    `scontrol` does not say); None for the local and debug executors."""
+    return max_array_size() or DEFAULT_MAX_ARRAY_SIZE if kind == "slurm" else None
+
+
 def _planned(sweep: Sweep, sweep_dir: SweepDir, kind: str, status: dict[str, RunStatus],
-             stages: Sequence[SweepStage], only: set[str] | None) -> list[StageSubmission]:
-    """The plan, with each Slurm stage larger than the cluster's MaxArraySize split into several arrays."""
+             stages: Sequence[SweepStage], only: set[str] | None, max_tasks: int | None) -> list[StageSubmission]:
+    """The plan, with each Slurm stage of more than `max_tasks` array tasks split into several arrays."""
     plans = plan_stages(sweep, sweep_dir, kind, status, stages, only)
-    return split_arrays(plans, max_array_size() or DEFAULT_MAX_ARRAY_SIZE) if kind == "slurm" else plans
+    return split_arrays(plans, max_tasks) if max_tasks is not None else plans
 
 
 def _describe_all(plans: list[StageSubmission], sweep: Sweep, kind: str) -> None:
@@ -191,9 +200,10 @@ def _make_runs_root(root: Path) -> None:
 
 
 def _submit_locked(sweep: Sweep, sweep_dir: SweepDir, kind: str, manifest: Manifest, stages: list[SweepStage],
-                   only: set[str] | None, dry_run: bool, jobs: int | None = None) -> Manifest:
+                   only: set[str] | None, dry_run: bool, jobs: int | None = None,
+                   max_tasks: int | None = None) -> Manifest:
     status, _ = run_statuses(manifest)
-    plans = _planned(sweep, sweep_dir, kind, status, stages, only)
+    plans = _planned(sweep, sweep_dir, kind, status, stages, only, max_tasks)
     manifest.dry_run, manifest.submitted = dry_run, plans
     if dry_run:
         _describe_all(plans, sweep, kind)

@@ -29,7 +29,7 @@ from typing import Any
 
 import submitit
 
-from asbatch.launch.environment import apply_profile_env
+from asbatch.launch.environment import apply_profile_env, profile_threads
 from asbatch.launch.manifest import now
 from asbatch.launch.runlog import run_log
 from asbatch.launch.slurm import run
@@ -347,13 +347,12 @@ class PackTask:
     def slots(self) -> list:
         from asbatch.launch.pack import Slot, split_cpus
 
-        threads = os.environ.get("OMP_NUM_THREADS")  # the profile's, exported by the job script, wins
+        threads = profile_threads(os.environ)  # the profile's, exported by the job script, wins
         visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
         shares = split_cpus(len(self.tasks))
         one_each = self.gpus > 1 and len(visible) >= len(self.tasks)
-        return [Slot(cpus=share, threads=int(threads) if threads and threads.isdigit() else
-                     (len(share) if share else None), gpu=visible[i] if one_each else None)
-                for i, share in enumerate(shares)]
+        return [Slot(cpus=share, threads=threads or (len(share) if share else None),
+                     gpu=visible[i] if one_each else None) for i, share in enumerate(shares)]
 
     def __call__(self) -> dict[str, str]:
         from asbatch.launch.mps import mps_daemon

@@ -62,6 +62,7 @@ def percent(value: float | None, decimals: int = 1) -> str:
 
 
 
+PROGRESS_ENV = "ASBATCH_PROGRESS"  # "lines": progress as lines even on a terminal
 _BAR_SINK = None  # a queue to the process that draws the bars (a worker of `asbatch run --jobs K`)
 
 
@@ -76,7 +77,7 @@ def is_terminal() -> bool:
     ASBATCH_PROGRESS=lines asks for lines even there."""
     from rich.console import Console
 
-    if os.environ.get("ASBATCH_PROGRESS") == "lines":
+    if os.environ.get(PROGRESS_ENV) == "lines":
         return False
     if _BAR_SINK is not None:
         return True
