@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from asbatch.bayes import bayesian_weights, noise_mode
 from asbatch.models import MODELS, build_model
+from asbatch.opcount import OpCounter
 
 
 def n_params(model: nn.Module) -> int:
@@ -69,3 +72,52 @@ def test_unknown_model_and_bad_depth_are_rejected():
     from asbatch.models import cifar_resnet
     with pytest.raises(ValueError, match="6n\\+2"):
         cifar_resnet(21)
+
+
+def _with_torch_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose BatchNorm layers are plain nn.BatchNorm2d (each bumping its own counter)."""
+    from asbatch.models.batchnorm import _LAYERS, BatchNorm2d
+
+    twin = copy.deepcopy(model)
+    twin._forward_pre_hooks.clear()
+    twin.__dict__.pop(_LAYERS)
+    for m in twin.modules():
+        if isinstance(m, BatchNorm2d):
+            m.__class__ = nn.BatchNorm2d
+            del m.__dict__["_counted_by_model"]
+    return twin
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_batchnorm_counted_by_the_model_equals_torchs_in_every_mode(precision):
+    model = build_model("resnet20", 10, width=4)
+    twin = _with_torch_batchnorm(model)
+    x = torch.randn(4, 3, 8, 8)
+    for mode in ("train", "frozen stats", "eval", "train"):
+        outs, grads = [], []
+        for m in (model, twin):
+            m.train(mode != "eval")
+            for bn in m.modules():
+                if isinstance(bn, nn.BatchNorm2d):
+                    bn.track_running_stats = mode != "frozen stats"
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+                out = m(xi)
+            outs.append(out)
+            grads.append(torch.autograd.grad(out.float().square().sum(), [xi, *m.parameters()]))
+        assert torch.equal(*outs), mode
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True)), mode
+        state, twin_state = model.state_dict(), twin.state_dict()
+        assert state.keys() == twin_state.keys()
+        assert all(torch.equal(state[k], twin_state[k]) for k in state), mode
+    assert int(model.bn1.num_batches_tracked) == 2  # the two train-mode forwards; frozen and eval ones not
+
+
+def test_a_training_forward_bumps_every_batchnorm_counter_in_one_op():
+    for depth in (20, 56):
+        model = build_model(f"resnet{depth}", 10, width=4)
+        with OpCounter() as ops:
+            model(torch.randn(2, 3, 8, 8))
+        assert ops.ops["_foreach_add_"] == 1 and ops.ops["add_"] == 0
+        assert ops.ops["empty"] == 0  # CPU: native_batch_norm without F.batch_norm's unused reserve tensor
+        assert all(int(m.num_batches_tracked) == 1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from asbatch.bayes import make_bayesian
+from asbatch.models.batchnorm import count_batches_together
 from asbatch.models.mlp import mlp
 from asbatch.models.resnet import cifar_resnet
 from asbatch.models.vgg import vgg
@@ -46,7 +47,7 @@ def build_model(
     kwargs = {"num_classes": num_classes, "in_channels": in_channels}
     if width is not None:
         kwargs["width"] = width
-    model = reinitialise(MODELS[name](**kwargs), mu_init, bn_weight_init)
+    model = count_batches_together(reinitialise(MODELS[name](**kwargs), mu_init, bn_weight_init))
     if bayesian:
         make_bayesian(model, init_sigma=init_sigma, prior_sigma=prior_sigma, init_log_sigma=init_log_sigma)
     return model

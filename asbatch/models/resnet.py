@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asbatch.models.batchnorm import BatchNorm2d
+
 
 class PadShortcut(nn.Module):
     """Option A: subsample spatially by `stride` and zero-pad the channels; no parameters."""
@@ -25,9 +27,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         needs_projection = stride != 1 or in_planes != planes
         self.shortcut = PadShortcut(stride, planes - in_planes) if needs_projection else nn.Identity()
 
@@ -44,7 +46,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         blocks_per_stage = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         stages, in_planes = [], width
         for i, planes in enumerate((width, 2 * width, 4 * width)):
             for j in range(blocks_per_stage):

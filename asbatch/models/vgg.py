@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asbatch.models.batchnorm import BatchNorm2d
+
 # Channel counts as multiples of the first block's width; "M" is a 2x2 max pool.
 VGG_CONFIGS: dict[str, list[int | str]] = {
     "vgg11": [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"],
@@ -25,7 +27,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 out = int(item) * width
-                layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(channels, out, 3, padding=1), BatchNorm2d(out), nn.ReLU(inplace=True)]
                 channels = out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
