@@ -115,10 +115,14 @@ def test_reference_variant_equals_the_transcribed_reference_step_over_consecutiv
     memory = AscentMemory.zeros_for(net)
     ours_gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
 
-    def draw() -> dict[str, torch.Tensor]:  # the same draw as asbatch.bayes.sample_noise: one randn, split in order
+    # the same draw as asbatch.bayes.sample_noise: one randn, split in the flat layout (conv and linear weights
+    # first, then BatchNorm's, each in module order)
+    flat_order = [k for k in LAYOUT if not k.startswith("bn.")] + [k for k in LAYOUT if k.startswith("bn.")]
+
+    def draw() -> dict[str, torch.Tensor]:
         flat = torch.randn(sum(ref.mu[k].numel() for k in LAYOUT), generator=ref_gen)
-        return {k: e.view(ref.mu[k].shape) for k, e in zip(LAYOUT, flat.split([ref.mu[k].numel() for k in LAYOUT]),
-                                                           strict=True)}
+        parts = flat.split([ref.mu[k].numel() for k in flat_order])
+        return {k: e.view(ref.mu[k].shape) for k, e in zip(flat_order, parts, strict=True)}
 
     bn = net[1]
     for i, (x, y) in enumerate(batches(5)):

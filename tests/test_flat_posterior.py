@@ -14,6 +14,7 @@ from asbatch.adversarial import as_step
 from asbatch.bayes import (
     GaussianWeight,
     bayesian_weights,
+    flat,
     flat_posterior,
     get_noise,
     kl_divergence,
@@ -48,8 +49,12 @@ def test_every_layers_mu_and_log_sigma_are_views_of_two_flat_parameters():
     posterior = flat_posterior(net)
     assert [n for n, _ in net.named_parameters()] == ["flat_mu", "flat_log_sigma"]
     mu, log_sigma = posterior.mu, posterior.log_sigma
+    weights = bayesian_weights(net)
+    # conv and linear weights first (autocast casts them in one op), then BatchNorm's, each in module order
+    cast_first = sorted(weights, key=lambda w: not isinstance(w[0], (nn.Conv2d, nn.Linear)))
+    assert isinstance(cast_first[-1][0], nn.BatchNorm2d) and not isinstance(weights[-1][0], nn.BatchNorm2d)
     offset = 0
-    for module, name, g in bayesian_weights(net):
+    for module, name, g in cast_first:
         original = module.parametrizations[name].original
         assert original.data_ptr() == mu.data_ptr() + offset * mu.element_size()
         assert g.log_sigma.data_ptr() == log_sigma.data_ptr() + offset * log_sigma.element_size()
@@ -192,3 +197,24 @@ def test_eps_given_per_layer_and_changed_in_place_between_forwards_is_what_the_l
     set_noise(reference, [torch.ones_like(e) for e in eps])
     torch.testing.assert_close(moved, reference(x))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_a_pass_casts_every_conv_and_linear_weight_in_one_op_with_autocasts_numbers(dtype, monkeypatch):
+    x, y = batch()
+    results, casts = [], []
+    for one_cast in (True, False):
+        net = conv_net(3)
+        if not one_cast:  # each layer's weight left to autocast, which casts it on its own (the per-layer way)
+            monkeypatch.setattr(flat, "_autocast_dtype", lambda w: None)
+        with OpCounter() as ops:
+            with torch.autocast("cpu", dtype=dtype):
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
+        casts.append(ops.ops["_to_copy"])
+        results.append([loss, *(p.grad for p in net.parameters())])
+        monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    # one cast forward and one back for the 4 conv and linear weights and biases (the input's own cast aside),
+    # instead of one each way per weight
+    assert casts[1] - casts[0] == 2 * (2 * 3 + 2) - 2

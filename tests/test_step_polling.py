@@ -177,3 +177,32 @@ def test_resuming_from_an_older_checkpoint_warns_converts_and_continues(tmp_path
         assert all(torch.equal(restored[index][k], v) for k, v in state.items())
     second.run_epoch(None, None)  # trains on from the converted state
     assert second.prog.global_step == 20
+
+
+def test_resuming_from_a_module_order_flat_checkpoint_reorders_its_optimizer_state(tmp_path):
+    cfg = config(model={"name": "resnet20", "width": 2, "init_sigma": 0.01},
+                 data={"name": "digits", "batch_size": 32, "test_batch_size": 360, "train_subset": 64})
+    first = Trainer(cfg, RunDir(tmp_path / "r"))
+    first.run_epoch(None, None)
+    first.finish_epoch()
+    ckpt = sorted(first.run_dir.checkpoints.glob("step-*"))[-1]
+    shared = torch.load(ckpt / "shared.pt", weights_only=False)
+    current = copy.deepcopy(shared["optimizer"])
+    posterior = flat_posterior(first.inner)
+    assert posterior.layout.order != sorted(posterior.layout.order)  # BatchNorm's weights moved after the convs
+    for state in shared["optimizer"]["state"].values():  # as the older code saved it: flat, in module order
+        for key, value in state.items():
+            if value.dim() == 1:
+                state[key] = torch.cat([t.reshape(-1) for t in posterior.split(value)])
+    del shared["flat_layout"]
+    torch.save(shared, ckpt / "shared.pt")
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": 1}))
+    second = Trainer(cfg, RunDir(tmp_path / "r"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.resume()
+    assert any("before the grouped flat layout" in str(w.message) for w in caught)
+    restored = second.optimizer.state_dict()["state"]
+    assert restored.keys() == current["state"].keys() == {0, 1}
+    for index, state in current["state"].items():
+        assert all(torch.equal(restored[index][k], v) for k, v in state.items())

@@ -32,26 +32,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from asbatch.adversarial.paper import ContextFactory, LossScale, StepLosses, posterior_of, scaled_loss
+from asbatch.bayes.flat import FlatLayout
 
 
 class AscentMemory:
-    """The reference's eps.grad: one flat fp32 tensor laid out as the model's flat eps (per-layer views in
-    `tensors`, in `bayesian_weights` order), summed over every backward eps took part in since the run started."""
+    """The reference's eps.grad: one flat fp32 tensor laid out as the model's flat eps (`layout`; per-layer views
+    in `tensors`, in `bayesian_weights` order), summed over every backward eps took part in since the run started."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor]):
-        self.shapes = [tuple(t.shape) for t in tensors]
-        self.sizes = [t.numel() for t in tensors]
-        self.flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
+    def __init__(self, tensors: Sequence[torch.Tensor], layout: FlatLayout | None = None):
+        self.layout = layout or FlatLayout([tuple(t.shape) for t in tensors], [False] * len(tensors))
+        self.flat = self.layout.flatten([t.detach().float() for t in tensors]) if tensors else torch.zeros(0)
 
     @classmethod
     def zeros_for(cls, model: nn.Module) -> AscentMemory:
         """An empty memory (as eps.grad before the first backward) for every Bayesian weight of `model`."""
         posterior = posterior_of(model)
-        return cls([torch.zeros(s, dtype=torch.float32, device=posterior.mu.device) for s in posterior.shapes])
+        return cls([torch.zeros(s, dtype=torch.float32, device=posterior.mu.device) for s in posterior.shapes],
+                   posterior.layout)
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        return [t.view(s) for t, s in zip(self.flat.split(self.sizes), self.shapes, strict=True)]
+        return self.layout.split(self.flat)
 
     def add(self, grad: torch.Tensor | Sequence[torch.Tensor | None] | None, loss_scale: LossScale = 1.0) -> None:
         """G += grad / loss_scale (a flat grad, or one per weight); missing grads and non-finite entries add
@@ -59,8 +60,8 @@ class AscentMemory:
         if grad is None:
             return
         if not isinstance(grad, torch.Tensor):
-            grad = torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1)
-                              for g, t in zip(grad, self.tensors, strict=True)])
+            grad = self.layout.flatten([torch.zeros_like(t) if g is None else g
+                                        for g, t in zip(grad, self.tensors, strict=True)])
         with torch.no_grad():
             grad = grad.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             self.flat.add_(grad if isinstance(loss_scale, float) and loss_scale == 1.0 else grad / loss_scale)
@@ -80,7 +81,7 @@ class AscentMemory:
         if len(saved) != len(own) or any(s.shape != t.shape for s, t in zip(saved, own, strict=True)):
             raise ValueError("the saved ascent memory does not fit this model's Bayesian weights")
         with torch.no_grad():
-            self.flat.copy_(torch.cat([t.reshape(-1) for t in saved]))
+            self.flat.copy_(self.layout.flatten(saved))
 
 
 def reference_as_step(

@@ -4,7 +4,8 @@ Why: on a GPU a small network's training step is bound by how many kernels the h
 perturbing and summing the posterior layer by layer was most of them (an AS step of ResNet20: ~6,500 ops,
 80 % per-weight bookkeeping). Here one model forward draws eps with one `randn` and builds
 w = mu + sigma * eps for all layers in two ops; each layer's weight is a view of that w (its backward is one
-`cat`), and the AS ascent and the KL are a few ops on the flat tensors.
+`cat`), and the AS ascent and the KL are a few ops on the flat tensors. The conv and linear weights come first
+in the flat layout (`FlatLayout`), so under autocast one cast serves all of them.
 
 `make_bayesian` gives each layer a `GaussianWeight` parametrization, then `FlatPosterior.adopt` takes their
 tensors: mu and log sigma become two flat Parameters of the model itself, `flat_mu` and `flat_log_sigma`
@@ -30,6 +31,7 @@ from asbatch.bayes.gaussian import GaussianWeight
 ATTRIBUTE = "_flat_posterior"  # where a Bayesian model keeps its FlatPosterior (a plain attribute)
 MU, LOG_SIGMA = "flat_mu", "flat_log_sigma"  # the model's two flat Parameters
 _FULL = (torch.float32, torch.float64)  # the KL is computed in at least fp32
+_CAST = (nn.Conv2d, nn.Linear)  # layers whose weights autocast casts (placed first in the flat layout)
 
 
 class FlatPosterior:
@@ -47,12 +49,11 @@ class FlatPosterior:
             if len({(t.dtype, t.device) for t in tensors}) > 1:
                 raise ValueError(f"the Bayesian weights' {kind} tensors differ in dtype or device; convert the "
                                  "model to one dtype and device before make_bayesian")
-        model.register_parameter(MU, nn.Parameter(torch.cat([t.detach().reshape(-1) for t in mus])))
-        model.register_parameter(LOG_SIGMA, nn.Parameter(torch.cat([t.detach().reshape(-1) for t in log_sigmas])))
+        self.layout = FlatLayout([tuple(t.shape) for t in mus], [isinstance(m, _CAST) for m, _, _ in weights])
+        model.register_parameter(MU, nn.Parameter(self.layout.flatten([t.detach() for t in mus])))
+        model.register_parameter(LOG_SIGMA, nn.Parameter(self.layout.flatten([t.detach() for t in log_sigmas])))
         self.model = model
-        self.shapes = [tuple(t.shape) for t in mus]
-        self.sizes = [t.numel() for t in mus]
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.shapes, self.sizes, self.offsets = self.layout.shapes, self.layout.sizes, self.layout.offsets
         priors = {g.prior_sigma for _, _, g in weights}
         self.prior_sigma = priors.pop() if len(priors) == 1 else None  # None: per-layer priors, per-layer KL
         self.weights = list(weights)
@@ -60,6 +61,8 @@ class FlatPosterior:
         self._eps_flat: torch.Tensor | None = None         # the held eps, authoritative when set
         self._eps_list: list[torch.Tensor | None] | None = None  # per-layer eps (views or tensors set one by one)
         self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # detached (mu, sigma) for inner passes
+        self._pass_w: torch.Tensor | None = None  # the flat w of the forward under way
+        self._pass_views: list[torch.Tensor] | None = None  # its per-layer views, made on first access
 
     # ------------------------------------------------------------------ building
 
@@ -101,15 +104,15 @@ class FlatPosterior:
         return self.mu.numel()
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer views of a flat tensor laid out as mu (one op-free split, then reshapes)."""
-        return [t.view(s) for t, s in zip(flat.split(self.sizes), self.shapes, strict=True)]
+        """Per-layer views of a flat tensor laid out as mu."""
+        return self.layout.split(flat)
 
     def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         return flat.narrow(0, self.offsets[index], self.sizes[index]).view(self.shapes[index])
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """One flat tensor from per-layer tensors (one cat; gradients flow back to them)."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+        return self.layout.flatten(tensors)
 
     # ------------------------------------------------------------------ eps
 
@@ -199,17 +202,73 @@ class FlatPosterior:
         return per_element.sum() + self.numel * (math.log(self.prior_sigma) - 0.5)
 
     def begin_pass(self) -> None:
-        """Compute w for all layers at once and hand each layer its view (`GaussianWeight.current`) for one
-        model forward. Weights in mixed noise modes fall back to each layer computing its own."""
+        """Compute w for all layers at once for one model forward; each layer gets its view (`current`) on its
+        first access. Weights in mixed noise modes fall back to each layer computing its own."""
         mode = self.uniform_mode()
-        if mode is None:
-            return
-        for (_, _, g), view in zip(self.weights, self.split(self.sample(mode)), strict=True):
-            g.__dict__["current"] = view
+        self._pass_w = None if mode is None else self.sample(mode)
+        self._pass_views = None
+
+    def current(self, index: int) -> torch.Tensor | None:
+        """Layer `index`'s weight in this forward (None outside one). The views are made on the first access,
+        inside the model's forward: under autocast the conv and linear weights are cast there, in one op."""
+        if self._pass_w is None:
+            return None
+        if self._pass_views is None:
+            low = _autocast_dtype(self._pass_w)
+            self._pass_views = (self.split(self._pass_w) if low is None
+                                else self.layout.split_casting(self._pass_w, low))
+        return self._pass_views[index]
 
     def end_pass(self) -> None:
-        for _, _, g in self.weights:
-            g.__dict__["current"] = None
+        self._pass_w = self._pass_views = None
+
+
+class FlatLayout:
+    """Where each layer's elements sit in a flat tensor: layers that autocast casts (`cast`: conv, linear) come
+    first, the others (BatchNorm's affine weights, kept in fp32 under autocast) after them, each group in module
+    order. So a pass under autocast casts all its cast weights in one op (`split_casting`) instead of one per
+    layer, and their gradients come back in one cat and one cast."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], cast: Sequence[bool]):
+        self.shapes = list(shapes)
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.order = [i for i, c in enumerate(cast) if c] + [i for i, c in enumerate(cast) if not c]
+        self.flat_sizes = [self.sizes[i] for i in self.order]  # in flat order
+        self.slot = [0] * len(self.sizes)  # layer i is part slot[i] of a split
+        self.offsets = [0] * len(self.sizes)
+        position = 0
+        for part, i in enumerate(self.order):
+            self.slot[i], self.offsets[i], position = part, position, position + self.sizes[i]
+        self.cast_layers = sum(1 for c in cast if c)
+        self.n_cast = sum(self.sizes[i] for i in self.order[:self.cast_layers])  # elements of the cast layers
+        self.numel = position
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One flat tensor from per-layer tensors (one cat; gradients flow back to them)."""
+        return torch.cat([tensors[i].reshape(-1) for i in self.order])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer views of a flat tensor (one op-free split, then reshapes), in layer order."""
+        return self._in_layer_order(flat.split(self.flat_sizes))
+
+    def split_casting(self, flat: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """As `split`, with the cast layers' views in `dtype`: one cast for all of them (their backward: one cat
+        and one cast back)."""
+        low, full = flat.split([self.n_cast, self.numel - self.n_cast])
+        k = self.cast_layers
+        return self._in_layer_order([*low.to(dtype).split(self.flat_sizes[:k]), *full.split(self.flat_sizes[k:])])
+
+    def _in_layer_order(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Flat-order parts as per-layer views, in layer order."""
+        return [parts[self.slot[i]].view(shape) for i, shape in enumerate(self.shapes)]
+
+
+def _autocast_dtype(w: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast fp32 weight `w` to in a conv or linear now, or None (autocast off)."""
+    device = w.device.type
+    if w.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def _begin_pass(model: nn.Module, args: Any) -> None:
@@ -278,6 +337,12 @@ class _FlatParametrizationList(_SavedAsView, ParametrizationList):
     def original(self) -> torch.Tensor:
         return self._posterior.view(self._posterior.mu, self._index)
 
+    def forward(self) -> torch.Tensor:
+        # Inside a model forward the posterior has computed this weight already: return it without mu's view
+        # and the GaussianWeight call (host time: this runs for every weight of every pass).
+        current = self._posterior.current(self._index)
+        return current if current is not None else super().forward()
+
 
 class _FlatGaussianWeight(_SavedAsView, GaussianWeight):
     """A GaussianWeight whose log sigma and eps live in the model's FlatPosterior (per-layer views)."""
@@ -291,6 +356,10 @@ class _FlatGaussianWeight(_SavedAsView, GaussianWeight):
     @property
     def eps(self) -> torch.Tensor | None:
         return self._posterior.eps_list()[self._index]
+
+    @property
+    def current(self) -> torch.Tensor | None:
+        return self._posterior.current(self._index)
 
     @eps.setter
     def eps(self, value: torch.Tensor | None) -> None:

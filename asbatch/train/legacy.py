@@ -1,4 +1,9 @@
-"""Checkpoints written before the flat posterior: their optimizer state is per layer; convert it on resume.
+"""Checkpoints of older layouts of the Bayesian weights: convert their optimizer state on resume.
+
+Two older layouts:
+  - per layer (before the flat posterior), described below;
+  - flat in module order (before `FLAT_LAYOUT` 2, which puts the conv and linear weights first, see
+    asbatch.bayes.flat.FlatLayout): the flat moments are the same numbers in another order.
 
 Until the flat posterior (asbatch.bayes.flat), every Bayesian weight had its own mu and log sigma Parameters,
 so the optimizer's state held one entry per layer and per kind, in `model.parameters()` order: each layer's
@@ -16,7 +21,10 @@ import torch
 from torch import nn
 
 from asbatch.bayes import flat_posterior
-from asbatch.bayes.flat import LOG_SIGMA, MU
+from asbatch.bayes.flat import LOG_SIGMA, MU, FlatPosterior
+
+# the flat layout a checkpoint's optimizer state is in (`shared["flat_layout"]`); absent: module order
+FLAT_LAYOUT = 2
 
 
 def _legacy_order(model: nn.Module) -> list[tuple[str, int] | nn.Parameter]:
@@ -64,25 +72,53 @@ def convert_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     state: dict[int, dict[str, Any]] = {}
     for index, param in enumerate(new_params):
         kind = flat.get(id(param))
-        merged = _concatenate(per_layer[kind], posterior.shapes) if kind else plain.get(id(param))
+        merged = _concatenate(per_layer[kind], posterior) if kind else plain.get(id(param))
         if merged is not None:
             state[index] = merged
     group = {k: v for k, v in legacy["param_groups"][0].items() if k != "params"}
     return {"state": state, "param_groups": [{**group, "params": list(range(len(new_params)))}]}
 
 
-def _concatenate(states: list[dict[str, Any] | None], shapes: list[tuple[int, ...]]) -> dict[str, Any] | None:
-    """One flat state from per-layer ones: tensors of the layers' shapes are concatenated (a layer without
-    state contributes zeros), scalars (Adam's step) taken from the first layer that has them."""
+def _concatenate(states: list[dict[str, Any] | None], posterior: FlatPosterior) -> dict[str, Any] | None:
+    """One flat state from per-layer ones: tensors of the layers' shapes are concatenated in the flat layout
+    (a layer without state contributes zeros), scalars (Adam's step) taken from the first layer that has them."""
     present = [s for s in states if s is not None]
     if not present:
         return None
     merged: dict[str, Any] = {}
     for key, value in present[0].items():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            parts = [(s[key] if s is not None else torch.zeros(shape, dtype=value.dtype)).reshape(-1)
-                     for s, shape in zip(states, shapes, strict=True)]
-            merged[key] = torch.cat(parts)
+            parts = [s[key] if s is not None else torch.zeros(shape, dtype=value.dtype)
+                     for s, shape in zip(states, posterior.shapes, strict=True)]
+            merged[key] = posterior.flatten(parts)
         else:
             merged[key] = value.clone() if isinstance(value, torch.Tensor) else value
     return merged
+
+
+def is_module_order(model: nn.Module, shared: dict[str, Any]) -> bool:
+    """Was this flat optimizer state written in module order (before FLAT_LAYOUT 2)?"""
+    return flat_posterior(model) is not None and shared.get("flat_layout") != FLAT_LAYOUT
+
+
+def reorder_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict[str, Any]) -> dict[str, Any]:
+    """A module-order flat optimizer state dict in the current flat layout (the flat Parameters' moments
+    permuted; everything else as it was)."""
+    posterior = flat_posterior(model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    flat = {i for i, p in enumerate(params) if p is posterior.mu or p is posterior.log_sigma}
+    reordered = {}
+    for index, entry in state["state"].items():
+        if index in flat:
+            entry = {key: _to_layout(value, posterior) for key, value in entry.items()}
+        reordered[index] = entry
+    return {**state, "state": reordered}
+
+
+def _to_layout(value: Any, posterior: FlatPosterior) -> Any:
+    """A module-order flat tensor in the posterior's layout (other values as they are)."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.numel() != posterior.numel:
+        return value
+    per_layer = [t.view(shape) for t, shape in zip(value.split(posterior.sizes), posterior.shapes, strict=True)]
+    return posterior.flatten(per_layer)

@@ -212,6 +212,11 @@ class Trainer:
                           "converted; the run goes on with the new AS noise stream, so it is no longer bitwise "
                           "equal to an uninterrupted run of the older code", stacklevel=2)
             optimizer_state = legacy.convert_optimizer_state(self.inner, self.optimizer, optimizer_state)
+        elif legacy.is_module_order(self.inner, shared):
+            warnings.warn("this checkpoint was written before the grouped flat layout (conv and linear weights "
+                          "first): its optimizer state was reordered; the run goes on with the new AS noise stream, "
+                          "so it is no longer bitwise equal to an uninterrupted run of the older code", stacklevel=2)
+            optimizer_state = legacy.reorder_optimizer_state(self.inner, self.optimizer, optimizer_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(shared["scheduler"])
         if self.scaler is not None and shared.get("scaler"):
@@ -231,7 +236,8 @@ class Trainer:
         if self.is_main:
             shared = {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict(), "progress": asdict(self.prog),
-                      "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                      "flat_layout": legacy.FLAT_LAYOUT}
         rank_state = rng_state(self.eps_gen)
         if self.memory is not None:
             rank_state["ascent_memory"] = self.memory.state_dict()
