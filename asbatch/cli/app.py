@@ -55,6 +55,12 @@ class App(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
+            self._main(args, prog_name, complete_var, **extra)
+        except SystemExit as done:
+            _leave(done.code)
+
+    def _main(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> None:
+        try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as err:  # `asbatch` alone: the help, as click prints it
             click.echo(err.format_message())
@@ -71,6 +77,22 @@ class App(click.Group):
                 traceback.print_exc()
             error_line(err, 2 if is_bad_input(err) else 1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _leave(code: int | str | None) -> None:
+    """Exit with `code`. A rank of a multi-process run (torchrun, srun) leaves without the interpreter's
+    teardown, its output flushed: there gloo's threads now and then abort the process after its work is done
+    ("terminate called without an active exception", SIGABRT), which would turn a clean exit code into -6."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules:
+        from asbatch.tracking.wandb_run import close_wandb_quietly
+
+        close_wandb_quietly()  # what W&B's exit hook would do: its service writes the rest of the run
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+    sys.exit(code)
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})
