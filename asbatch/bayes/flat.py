@@ -357,13 +357,13 @@ class _FlatGaussianWeight(_SavedAsView, GaussianWeight):
     def eps(self) -> torch.Tensor | None:
         return self._posterior.eps_list()[self._index]
 
-    @property
-    def current(self) -> torch.Tensor | None:
-        return self._posterior.current(self._index)
-
     @eps.setter
     def eps(self, value: torch.Tensor | None) -> None:
         self._posterior.set_layer_eps(self._index, value)
+
+    @property
+    def current(self) -> torch.Tensor | None:
+        return self._posterior.current(self._index)
 
 
 def flat_posterior(model: nn.Module) -> FlatPosterior | None:
