@@ -80,18 +80,16 @@ class App(click.Group):
 
 
 def _leave(code: int | str | None) -> None:
-    """Exit with `code`. A rank of a multi-process run (torchrun, srun) leaves without the interpreter's
-    teardown, its output flushed: there gloo's threads now and then abort the process after its work is done
-    ("terminate called without an active exception", SIGABRT), which would turn a clean exit code into -6."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules:
-        from asbatch.tracking.wandb_run import close_wandb_quietly
+    """Exit with `code`; a rank of a multi-process run (torchrun, srun) without the interpreter's teardown,
+    where gloo's threads now and then abort it (see asbatch.launch.task.leave_now)."""
+    if "torch.distributed" not in sys.modules:  # no process group could exist: exit as any command does
+        sys.exit(code)
+    from asbatch.launch.task import leave_now, several_ranks
 
-        close_wandb_quietly()  # what W&B's exit hook would do: its service writes the rest of the run
+    if several_ranks():
         if isinstance(code, str):
             print(code, file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+        leave_now(code if isinstance(code, int) else 0 if code is None else 1)
     sys.exit(code)
 
 

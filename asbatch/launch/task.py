@@ -12,8 +12,10 @@ minutes (its credential lifetime) before it may start again.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -132,6 +134,32 @@ def release_process_group() -> None:
         dist.destroy_process_group()
 
 
+def several_ranks() -> bool:
+    """Is this process one rank of a multi-process run whose process group was started?"""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules
+
+
+def leave_now(code: int) -> None:
+    """End the process with `code` without the interpreter's teardown, its output flushed and W&B torn down:
+    in a rank of a multi-process run gloo's threads now and then abort the process there, after its work is
+    done ("terminate called without an active exception", SIGABRT: exit -6 instead of `code`), even after
+    `release_process_group`."""
+    from asbatch.tracking.wandb_run import close_wandb_quietly
+
+    close_wandb_quietly()  # what W&B's exit hook would do: its service writes the rest of the run
+    logging.shutdown()  # submitit's log lines
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _leave_if_done() -> None:
+    """atexit, registered by a multi-rank task that returned its result: skip the teardown (`leave_now`) unless
+    the process is ending with an uncaught exception (submitit could not save the result)."""
+    if getattr(sys, "last_exc", None) is None and getattr(sys, "last_value", None) is None:
+        leave_now(0)
+
+
 def _task_job_id() -> str | None:
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
@@ -219,7 +247,10 @@ class TrainTask:
 
         in_job = os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
         try:
-            return self.train(stop)
+            result = self.train(stop)
+            if several_ranks():
+                atexit.register(_leave_if_done)  # runs after submitit has saved the result
+            return result
         except TrainingInterrupted as err:
             name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
             warned = stop.signum == signal.SIGUSR2
