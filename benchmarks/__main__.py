@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="N", choices=[str(n) for n in (*range(1, 11), 13, 14)],
                         help="run only these rows (1-10, 13; 10 runs rows 10-12)")
     parser.add_argument("--gpu", action="store_true",
-                        help="instead: the GPU smoke test and GPU rows (G1-G4; < 10 min on one H100)")
+                        help="instead: the GPU smoke test and GPU rows (G1-G7; < 10 min on one H100)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine, 2 OpenMP threads slow down "
                              "~10x whenever another process takes a core, 1 thread only ~2x)")
@@ -146,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     console.print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     start = time.perf_counter()
     if args.gpu:
-        from benchmarks import gpu, gpu_packing
+        from benchmarks import gpu, gpu_baseline, gpu_packing
 
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
         with console.status("GPU smoke test and rows ..."):
             rows = gpu.run(args.quick)
         with console.status("GPU row G6: packed runs ..."):
             rows += gpu_packing.run(args.quick)
+        with console.status("GPU row G7: this code against a baseline tree, through the Trainer ..."):
+            rows += gpu_baseline.run(args.quick)
     else:
         rows = run_all(args.quick, set(args.only) if args.only else None, console)
     wall = time.perf_counter() - start

@@ -81,10 +81,11 @@ class App(click.Group):
 
 def _leave(code: int | str | None) -> None:
     """Exit with `code`; a rank of a multi-process run (torchrun, srun) without the interpreter's teardown,
-    where gloo's threads now and then abort it (see asbatch.launch.task.leave_now)."""
+    where gloo's threads now and then abort it (see asbatch.train.run.leave_now)."""
     if "torch.distributed" not in sys.modules:  # no process group could exist: exit as any command does
         sys.exit(code)
-    from asbatch.launch.task import leave_now, several_ranks
+    from asbatch.launch.task import several_ranks
+    from asbatch.train.run import leave_now
 
     if several_ranks():
         if isinstance(code, str):

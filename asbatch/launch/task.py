@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -139,24 +138,13 @@ def several_ranks() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules
 
 
-def leave_now(code: int) -> None:
-    """End the process with `code` without the interpreter's teardown, its output flushed and W&B torn down:
-    in a rank of a multi-process run gloo's threads now and then abort the process there, after its work is
-    done ("terminate called without an active exception", SIGABRT: exit -6 instead of `code`), even after
-    `release_process_group`."""
-    from asbatch.tracking.wandb_run import close_wandb_quietly
-
-    close_wandb_quietly()  # what W&B's exit hook would do: its service writes the rest of the run
-    logging.shutdown()  # submitit's log lines
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _leave_if_done() -> None:
-    """atexit, registered by a multi-rank task that returned its result: skip the teardown (`leave_now`) unless
-    the process is ending with an uncaught exception (submitit could not save the result)."""
+    """atexit, registered by a multi-rank task that returned its result: skip the interpreter's teardown
+    (asbatch.train.run.leave_now) unless the process ends with an uncaught exception (submitit could not save
+    the result)."""
     if getattr(sys, "last_exc", None) is None and getattr(sys, "last_value", None) is None:
+        from asbatch.train.run import leave_now
+
         leave_now(0)
 
 

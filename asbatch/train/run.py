@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -174,3 +176,15 @@ def _train(config: RunConfig, run_dir: RunDir, report: RunReport, should_stop: C
     trainer.accelerator.wait_for_everyone()
     report.done(results)
     return results if main else run_dir.read_results()
+
+
+def leave_now(code: int) -> None:
+    """End the process with `code` without the interpreter's teardown, its output flushed and W&B torn down:
+    in a rank of a multi-process run gloo's threads now and then abort the process there, after its work is
+    done ("terminate called without an active exception", SIGABRT: exit -6 instead of `code`), even after
+    the process group was destroyed (asbatch.launch.task.release_process_group)."""
+    close_wandb_quietly()  # what W&B's exit hook would do: its service writes the rest of the run
+    logging.shutdown()  # submitit's log lines
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
