@@ -56,6 +56,9 @@ def _error_row(name: str, err: BaseException) -> Row:
     return Row(name, None, "", "-", False, f"ERROR: {type(err).__name__}: {err}")
 
 
+GPU_ROWS = ("G1-G5", "G6", "G7")  # what `--gpu --only` can pick (a device session's time is short)
+
+
 def run_all(quick: bool, only: set[str] | None, console: Console) -> list[Row]:
     """Run the benchmarks in order; rows 4 and 6 reuse row 1's AS step time when row 1 ran."""
     rows: list[Row] = []
@@ -127,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and samples (< 2 min)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
-    parser.add_argument("--only", nargs="+", metavar="N", choices=[str(n) for n in (*range(1, 11), 13, 14)],
-                        help="run only these rows (1-10, 13; 10 runs rows 10-12)")
+    parser.add_argument("--only", nargs="+", metavar="N",
+                        choices=[*(str(n) for n in (*range(1, 11), 13, 14)), *GPU_ROWS],
+                        help="run only these rows (1-10, 13, 14; 10 runs rows 10-12; with --gpu: G1-G5, G6, G7)")
     parser.add_argument("--gpu", action="store_true",
                         help="instead: the GPU smoke test and GPU rows (G1-G7; < 10 min on one H100)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine, 2 OpenMP threads slow down "
                              "~10x whenever another process takes a core, 1 thread only ~2x)")
     args = parser.parse_args(argv)
+    if args.only and any((row in GPU_ROWS) != args.gpu for row in args.only):
+        parser.error("--only: rows G1-G5, G6 and G7 go with --gpu, the others without it")
     torch.set_num_threads(args.threads)
     steady = steady_allocator()
     os.environ[THREADS_ENV] = str(args.threads)  # for the memory benchmark's subprocesses
@@ -149,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import gpu, gpu_baseline, gpu_packing
 
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
-        with console.status("GPU smoke test and rows ..."):
-            rows = gpu.run(args.quick)
-        with console.status("GPU row G6: packed runs ..."):
-            rows += gpu_packing.run(args.quick)
-        with console.status("GPU row G7: this code against a baseline tree, through the Trainer ..."):
-            rows += gpu_baseline.run(args.quick)
+        rows = []
+        for key, title, fn in (("G1-G5", "GPU smoke test and rows G1-G5", gpu.run),
+                               ("G6", "GPU row G6: packed runs", gpu_packing.run),
+                               ("G7", "GPU row G7: this code against a baseline tree", gpu_baseline.run)):
+            if not args.only or key in args.only:
+                with console.status(f"{title} ..."):
+                    rows += fn(args.quick)
     else:
         rows = run_all(args.quick, set(args.only) if args.only else None, console)
     wall = time.perf_counter() - start
