@@ -54,6 +54,7 @@ def count_batches_together(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.compiler.disable  # one op either way; compiled, it would be a graph of its own, guarded on every flag
 def _count_batch(model: nn.Module, args: Any) -> None:
     """Forward pre-hook: +1 on the counter of every layer that will update its running statistics."""
     counters = [m.num_batches_tracked for m in model.__dict__[_LAYERS]
