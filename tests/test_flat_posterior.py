@@ -198,7 +198,6 @@ def test_eps_given_per_layer_and_changed_in_place_between_forwards_is_what_the_l
     torch.testing.assert_close(moved, reference(x))
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_under_autocast_a_pass_casts_every_conv_and_linear_weight_in_one_op_with_autocasts_numbers(dtype, monkeypatch):
     x, y = batch()
@@ -215,6 +214,6 @@ def test_under_autocast_a_pass_casts_every_conv_and_linear_weight_in_one_op_with
         results.append([loss, *(p.grad for p in net.parameters())])
         monkeypatch.undo()
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
-    # one cast forward and one back for the 4 conv and linear weights and biases (the input's own cast aside),
-    # instead of one each way per weight
+    # the 8 conv and linear weights and biases (3 convs and the head): one cast forward and one back for all of
+    # them, instead of one each way per tensor (the input's own cast is in both counts)
     assert casts[1] - casts[0] == 2 * (2 * 3 + 2) - 2
