@@ -179,3 +179,30 @@ def test_profiles_cannot_waste_gpus(tmp_path):
     (tmp_path / "gres.yaml").write_text("extra: {gres: 'gpu:4'}\n")
     with pytest.raises(SpecError, match=r"extra.gres asks for GPUs .* ask with gpus_per_node"):
         load_profile(str(tmp_path / "gres.yaml"))
+
+
+# ------------------------------------------------------------------------------------------ leaving a rank
+
+_FINISHED_TASK = """
+import atexit, sys
+import torch.distributed  # a multi-rank task has it loaded
+from asbatch.launch import task
+atexit.register(lambda: print("teardown ran", flush=True))  # registered first: runs only after a normal exit
+atexit.register(task._leave_if_done)  # what TrainTask registers once training returned
+print("result saved", flush=True)
+if sys.argv[1] == "fail":
+    raise RuntimeError("submitit could not save the result")
+"""
+
+
+@pytest.mark.parametrize("how", ["done", "fail"])
+def test_a_finished_rank_leaves_without_the_teardown_unless_it_is_failing(how):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FINISHED_TASK, how], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "result saved" in proc.stdout  # flushed before the early exit
+    if how == "done":  # ends at once with 0: the interpreter's teardown (where gloo aborted) never runs
+        assert proc.returncode == 0 and "teardown ran" not in proc.stdout, proc.stderr
+    else:  # a failure keeps its exit code and traceback
+        assert proc.returncode == 1 and "teardown ran" in proc.stdout, proc.stderr
+        assert "submitit could not save the result" in proc.stderr
