@@ -55,6 +55,8 @@ def sort_key(kind: str, value: object) -> tuple:
 # Sweep and stage names become directory names, Slurm job names and W&B groups; run ids are `<stage>-<hash>`.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # not starting with '-': `asbatch status -x` is an option
 NAME_RULE = "1-100 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+# a variable whose name holds one of these (WANDB_API_KEY, HF_TOKEN) has a secret value: shown as ***
+SENSITIVE_NAME_PARTS = "KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL"
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}-[0-9a-f]{10}")
 
 

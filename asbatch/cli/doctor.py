@@ -274,14 +274,15 @@ def spec_facts(spec_path: Path, sweep, site: Site | None) -> list[Fact]:
 def stage_fact(stage, site: Site) -> Fact:
     """Whether a stage fits the cluster: its partition exists, its time limit, nodes and GPUs fit it, its
     array tasks are not more than the user's submit limit (more than MaxArraySize are split, said as a note)."""
+    from asbatch.launch.pack import task_count
     from asbatch.launch.site import format_minutes
 
     r, name = stage.resources, f"stage {stage.name}"
     runs = len(stage.runs)
-    tasks = -(-runs // r.runs_per_task)  # array tasks: packed runs share one
+    tasks = task_count(runs, r.runs_per_task)  # array tasks: packed runs share one
     wrong, notes = [], []
     if site.max_array_size is not None and tasks > site.max_array_size:
-        notes.append(f"split into {-(-tasks // site.max_array_size)} arrays (MaxArraySize {site.max_array_size})")
+        notes.append(f"split into {task_count(tasks, site.max_array_size)} arrays (MaxArraySize {site.max_array_size})")
     if site.max_submit is not None and tasks > site.max_submit:
         wrong.append(f"{count(tasks, 'array task')}, more than the {site.max_submit} jobs you may have queued "
                      "(pack several runs per task: resources.runs_per_task)")

@@ -21,9 +21,9 @@ from asbatch.cli.common import (
     sweep_argument,
 )
 from asbatch.cli.common import console as make_console
-from asbatch.names import EXECUTORS, count, point_label
+from asbatch.names import EXECUTORS, SENSITIVE_NAME_PARTS, count, point_label
 
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)  # as in --dry-run's flags
+SECRET_NAME = re.compile(SENSITIVE_NAME_PARTS, re.IGNORECASE)  # as in --dry-run's flags
 
 
 @main.command("submit", short_help="Submit a spec: one job array per stage; returns at once.")

@@ -345,6 +345,7 @@ def packs(items: Sequence[Any], size: int) -> list[list[Any]]:
 
 
 def task_count(runs: int, size: int) -> int:
+    """How many groups of `size` hold `runs` (array tasks of packed runs, arrays of MaxArraySize tasks)."""
     return math.ceil(runs / max(1, size))
 
 
@@ -371,8 +372,7 @@ def local_slots(env: dict[str, str], runs: int, jobs: int | None, gpus: Sequence
     """`asbatch run`'s slots: `jobs` of them (default: fill the machine: one run per GPU times `runs_per_gpu`
     where the runs use GPUs, else CPU cores / the profile's threads per run), at most one per run. On GPUs
     the slots are spread over them."""
-    threads = profile_threads(env)
     if not gpus:
-        return cpu_slots(local_jobs(env, runs, jobs)[0], threads)
+        return cpu_slots(*local_jobs(env, runs, jobs))
     count = max(1, min(runs, jobs or len(gpus) * runs_per_gpu))
-    return gpu_slots(gpus, math.ceil(count / len(gpus)), threads)[:count]
+    return gpu_slots(gpus, task_count(count, len(gpus)), profile_threads(env))[:count]

@@ -189,7 +189,8 @@ def packing_lines(stage: SweepStage, runs: Sequence[SweepRun] | None = None) -> 
         f"{k} runs sharing {res.cpus_per_task} CPU{'s' if res.cpus_per_task != 1 else ''}"
     gpu = {0: "no GPU", 1: f"one GPU shared by {k}" + (" (MPS)" if res.mps else "")}.get(res.gpus_per_node,
                                                                                        f"{k} GPUs, one each")
-    lines = [f"stage {stage.name}: {len(runs)} runs packed {k} per task -> {len(packs(runs, k))} array tasks "
+    groups = packs(runs, k)
+    lines = [f"stage {stage.name}: {len(runs)} runs packed {k} per task -> {len(groups)} array tasks "
              f"({cpus}; {gpu}; they share the task's time limit of {res.timeout_min} min)"]
-    lines += [f"  task {i}: {', '.join(r.run_id for r in group)}" for i, group in enumerate(packs(runs, k))]
+    lines += [f"  task {i}: {', '.join(r.run_id for r in group)}" for i, group in enumerate(groups)]
     return lines

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from asbatch.launch.errors import LaunchError
+from asbatch.names import SENSITIVE_NAME_PARTS
 from asbatch.rundir import RESULTS
 from asbatch.spec import Resources, SweepStage
 
@@ -42,7 +43,7 @@ ENDED_BECAUSE = {
 NEVER_RUNS = "DependencyNeverSatisfied"  # squeue reason of a task whose upstream array failed
 SLURM_JOB_ID = re.compile(r"\d+(_\d+)?")
 # SECRET_NAME=value in a shell line (also inside --env=NAME=value), the value up to an unquoted blank or ; & |
-_SECRET_ASSIGNMENT = re.compile(r"\b([A-Za-z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)[A-Za-z0-9_]*)="
+_SECRET_ASSIGNMENT = re.compile(rf"\b([A-Za-z0-9_]*(?:{SENSITIVE_NAME_PARTS})[A-Za-z0-9_]*)="
                                 r"(?:'[^']*'|\"(?:[^\"\\]|\\.)*\"|\\.|[^\s;&|'\"])*", re.IGNORECASE)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -364,14 +365,15 @@ class PackTask:
             task.own_log = True
 
     def slots(self) -> list:
-        from asbatch.launch.pack import Slot, split_cpus
+        """A slot per run, each bound to its share of the task's CPUs (they are the task's own), with one GPU
+        each where the task has one per run (else all share the task's GPU)."""
+        from asbatch.launch.pack import cpu_slots
 
-        threads = profile_threads(os.environ)  # the profile's, exported by the job script, wins
+        slots = cpu_slots(len(self.tasks), profile_threads(os.environ), pin=True)  # the job script's env wins
         visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-        shares = split_cpus(len(self.tasks))
-        one_each = self.gpus > 1 and len(visible) >= len(self.tasks)
-        return [Slot(cpus=share, threads=threads or (len(share) if share else None),
-                     gpu=visible[i] if one_each else None) for i, share in enumerate(shares)]
+        if self.gpus > 1 and len(visible) >= len(slots):
+            slots = [dataclasses.replace(slot, gpu=gpu) for slot, gpu in zip(slots, visible[:len(slots)], strict=True)]
+        return slots
 
     def __call__(self) -> dict[str, str]:
         from asbatch.launch.mps import mps_daemon
