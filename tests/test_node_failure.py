@@ -75,6 +75,11 @@ def _restore_node(node: str) -> None:
              f"node {node} to be back in service")
 
 
+def _other(node: str) -> str:
+    """The local cluster's other node."""
+    return {"n1": "n2", "n2": "n1"}[node]
+
+
 def _job_processes(job: str, slurm_dir: Path) -> list[int]:
     """This machine's processes of a job (the local cluster's nodes are this host): its slurmstepd, srun
     and the task's Python processes."""
@@ -116,14 +121,19 @@ def test_a_task_whose_node_goes_down_is_requeued_by_slurm_and_resumes_to_the_uni
         requeued = wait_for(lambda: (st := sweep_status(tmp_path / "runs" / "node_down")).runs[0].state in (
             "PENDING", "REQUEUED") and st, 30, "Slurm to requeue the job of the failed node")
         assert requeued.runs[0].active and not requeued.runs[0].retryable, "a requeued run is not failed"
-        # the local node answers at once (ReturnToService=2): the job may start there again only once its
-        # old processes are gone, or slurmd reports a duplicate job id and Slurm drains the node
+        # the local node answers at once (ReturnToService=2), but its slurmd lists the old job a moment after
+        # its processes are gone: started there again then, the job is refused ("already running, do not
+        # launch second copy") and Slurm drains the node. So the node is kept out until the requeued job has
+        # started on the other one.
         wait_for(lambda: not _job_processes(job, run_dir.parent / ".slurm"), 60, f"job {job}'s processes to end")
+        sh("scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=asbatch test: the failed node kept out")
+        releaser.watch(job)  # lift the ~2 min hold Slurm puts on a requeued job
+        wait_for(lambda: sh("squeue", "-h", "-j", job, "-o", "%T %N").strip() in ("", f"RUNNING {_other(node)}")
+                 or run_dir.joinpath("results.json").exists(), 60, f"job {job} to start again on {_other(node)}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)  # should Slurm not have ended it
         _restore_node(node)
-    releaser.watch(job)  # lift the ~2 min hold Slurm puts on a requeued job
     reference = train_reference(load_sweep(spec).runs[0].config, tmp_path / "reference")
     wait_for_results([run_dir], 120)
 

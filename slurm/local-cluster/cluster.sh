@@ -185,6 +185,11 @@ start_daemons() {
     fi
   done
   for node in "${NODES[@]}"; do
+    # Slurm keeps a node's drain across restarts: one an earlier session left drained would take no jobs
+    if sinfo -h -n "$node" -o %T | grep -Eq '^drain'; then
+      log "resuming $node (drained: $(sinfo -h -n "$node" -o %E))"
+      scontrol update NodeName="$node" State=RESUME
+    fi
     wait_for 60 "slurmd $node" sh -c "sinfo -h -n $node -o %T | grep -Eq '^(idle|mixed|allocated)'"
   done
 }
