@@ -120,8 +120,8 @@ class TrackingConfig(Section):
 
 
 class SpeedConfig(Section):
-    """Settings that change how fast a run trains: not part of the run id. Only `compile` changes numbers (its
-    kernels round differently), so analysis keeps it apart; `poll_every` changes none."""
+    """Settings that change how fast a run trains: not part of the run id. `compile` and `channels_last` change
+    numbers (their kernels round differently), so analysis keeps them apart; `poll_every` changes none."""
 
     poll_every: int = Field(
         50, gt=0, le=100_000,
@@ -131,6 +131,11 @@ class SpeedConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the training step's model (each kind of pass one graph, compiled in the "
                            "first steps); compiled kernels round differently from eager ones, so runs with it are a "
+                           "separate experiment in tables (a run's results record it)")
+    channels_last: bool = Field(
+        False, description="conv weights and activations in channels_last (NHWC) memory order, the order a GPU's "
+                           "tensor cores read under bf16 / fp16 (no transposes around each conv); other kernels "
+                           "round differently and eps elements land on other weights, so runs with it are a "
                            "separate experiment in tables (a run's results record it)")
 
 

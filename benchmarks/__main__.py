@@ -22,6 +22,7 @@ from rich.table import Table
 
 from benchmarks import (
     ascent_sign,
+    channels_last,
     checkpoint_cost,
     compiled,
     evaluation,
@@ -82,6 +83,7 @@ def run_all(quick: bool, only: set[str] | None, console: Console) -> list[Row]:
         ("10", "launches, host reads and host time per step (rows 10-12)", lambda: launches.run(quick)),
         ("13", "compiled AS step", lambda: [compiled.run(quick)]),
         ("14", "packed quickstart sweep", lambda: [packing.run(quick)]),
+        ("15", "channels_last AS step", lambda: channels_last.run(quick)),
     ]
     for key, title, fn in plan:
         if only and key not in only:
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and samples (< 2 min)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
     parser.add_argument("--only", nargs="+", metavar="N",
-                        choices=[*(str(n) for n in (*range(1, 11), 13, 14)), *GPU_ROWS],
-                        help="run only these rows (1-10, 13, 14; 10 runs rows 10-12; with --gpu: G1-G5, G6, G7)")
+                        choices=[*(str(n) for n in (*range(1, 11), 13, 14, 15)), *GPU_ROWS],
+                        help="run only these rows (1-10, 13-15; 10 runs rows 10-12; with --gpu: G1-G5, G6, G7)")
     parser.add_argument("--gpu", action="store_true",
                         help="instead: the GPU smoke test and GPU rows (G1-G7; < 10 min on one H100)")
     parser.add_argument("--threads", type=int, default=1,

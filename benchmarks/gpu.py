@@ -7,8 +7,8 @@ Meant for the first machine with a GPU (< 10 min on one H100). Smoke rows (pass 
       uninterrupted run (and the final S-sample evaluation ran on the GPU);
 Timing rows (info): G3 the AS step / plain step ratio per precision; G4 the S-sample evaluation's
 throughput; G5 AS training images/s (bf16, batch 128, fused Adam, no host read in the timed steps) of
-ResNet20, ResNet56 and VGG16, eager and `torch.compile`d. Without a visible GPU every row is SKIP with the
-reason.
+ResNet20, ResNet56 and VGG16, eager, `torch.compile`d and eager with `speed.channels_last`. Without a
+visible GPU every row is SKIP with the reason.
 """
 
 from __future__ import annotations
@@ -99,22 +99,22 @@ def _plain_step_time(steps: int) -> float:
 
 
 def images_per_s(name: str, compile_model: bool, steps: int, device: torch.device,
-                 width: int | None = None) -> tuple[float, float]:
+                 width: int | None = None, channels_last: bool = False) -> tuple[float, float]:
     """(AS training images/s, seconds of the untimed warm-up, which compiles) of a Bayesian `name` under bf16
     autocast, as the trainer runs it: fused Adam, eps from a device generator, nothing read from the device
-    between the first and the last timed step."""
+    between the first and the last timed step; `channels_last` as `speed.channels_last` sets it."""
     from asbatch.adversarial import as_step
     from asbatch.models import build_model
     from asbatch.train.setup import autocast_forward
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_model(name, 10, bayesian=True, width=width).to(device).train()
+    model = build_model(name, 10, bayesian=True, width=width, channels_last=channels_last).to(device).train()
     model = autocast_forward(model, device, torch.bfloat16)
     step_model = torch.compile(model) if compile_model else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     x, y = cifar_batch(128)
-    x, y = x.to(device), y.to(device)
+    x, y = x.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format), y.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step() -> None:
@@ -204,7 +204,10 @@ def run(quick: bool = False) -> list[Row]:
     for name in ("resnet20", "resnet56", "vgg16"):
         eager, _ = images_per_s(name, False, steps, device)
         compiled, compile_s = images_per_s(name, True, steps, device)
+        nhwc, _ = images_per_s(name, False, steps, device, channels_last=True)
         rows.append(Row(f"G5. AS training images/s, {name}, bf16: compiled / eager", compiled / eager, "x", "-", None,
                         f"eager {eager:,.0f} img/s, compiled {compiled:,.0f} img/s (compiling: {compile_s:.0f} s); "
                         f"batch 128, N = {STEPS}"))
+        rows.append(Row(f"G5. AS training images/s, {name}, bf16: channels_last / NCHW (eager)", nhwc / eager, "x",
+                        "-", None, f"NCHW {eager:,.0f} img/s, channels_last {nhwc:,.0f} img/s; batch 128, N = {STEPS}"))
     return rows

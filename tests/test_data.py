@@ -254,6 +254,11 @@ def test_loader_for_builds_train_and_test_loaders_from_the_config():
     assert len(test) == 2 and not test.augment
     forced = loader_for(config.model_copy(update={"augment": True}), "train", seed=0, device="cpu")
     assert forced.augment
+    # speed.channels_last: the same numbers, in NHWC memory order (made by normalize's cast, no extra op)
+    nhwc = loader_for(config.model_copy(update={"augment": True}), "train", seed=0, device="cpu", channels_last=True)
+    for (x, y), (x_nhwc, y_nhwc) in zip(forced.epoch(1), nhwc.epoch(1), strict=True):
+        assert x.is_contiguous() and x_nhwc.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, x_nhwc) and torch.equal(y, y_nhwc)
 
 
 def test_augmentation_defaults_on_for_cifar_only():

@@ -217,3 +217,57 @@ def test_under_autocast_a_pass_casts_every_conv_and_linear_weight_in_one_op_with
     # the 8 conv and linear weights and biases (3 convs and the head): one cast forward and one back for all of
     # them, instead of one each way per tensor (the input's own cast is in both counts)
     assert casts[1] - casts[0] == 2 * (2 * 3 + 2) - 2
+
+
+def test_channels_last_lays_each_conv_weight_out_nhwc_in_the_flat_buffers_and_changes_no_value():
+    """`to_channels_last`: every conv weight's view (mu, log sigma, eps, w of a pass, also cast under autocast)
+    has channels_last strides and still aliases the flat buffers; values, state_dict and the per-layer eps API
+    are unchanged; a forward agrees with the NCHW model's to rounding, at the same op count (no copies)."""
+    from asbatch.models import to_channels_last
+
+    nchw = conv_net(2)
+    nhwc = to_channels_last(copy.deepcopy(nchw))
+    posterior = flat_posterior(nhwc)
+    assert posterior.layout.channels_last and not flat_posterior(nchw).layout.channels_last
+    assert all(torch.equal(a, b) for a, b in zip(nchw.state_dict().values(), nhwc.state_dict().values(), strict=True))
+    storage = posterior.mu.untyped_storage().data_ptr()
+    for module, name, g in bayesian_weights(nhwc):
+        mu = module.parametrizations[name].original
+        assert mu.untyped_storage().data_ptr() == storage
+        if mu.dim() == 4:
+            for view in (mu, g.log_sigma):
+                assert view.is_contiguous(memory_format=torch.channels_last) and not view.is_contiguous()
+    # the same per-layer eps (set through the per-layer API) gives the same weights, so the same outputs
+    x, y = batch()
+    eps = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(posterior.shapes)]
+    outputs = []
+    for net in (nchw, nhwc):
+        set_noise(net, eps)
+        assert all(torch.equal(a, b) for a, b in zip(get_noise(net), eps, strict=True))
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        outputs.append(loss)
+    torch.testing.assert_close(*outputs)
+    grads = [flat_posterior(net).split(flat_posterior(net).mu.grad) for net in (nchw, nhwc)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    # with the flat eps a step draws, a pass costs the weights no copies: the one extra op pair is this net's
+    # Flatten head reading NHWC activations (ResNet and VGG pool first; the trainer's counts are equal)
+    counts = []
+    for net in (nchw, nhwc):
+        sample_noise(net, torch.Generator().manual_seed(0))
+        with OpCounter() as ops:
+            F.cross_entropy(net(x), y).backward()
+        counts.append(ops.ops)
+    assert counts[1] - counts[0] == {"clone": 1, "_unsafe_view": 1} and not counts[0] - counts[1], counts
+    # a pass under autocast: the conv weights are cast in one op and their views keep channels_last strides
+    posterior.begin_pass()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = posterior.current(0)
+    posterior.end_pass()
+    assert cast.dtype == torch.bfloat16 and cast.is_contiguous(memory_format=torch.channels_last)
+    # and any flat tensor goes from one layout to the other and back exactly
+    values = torch.randn(posterior.numel)
+    layout, nchw_layout = posterior.layout, posterior.layout.with_channels_last(False)
+    there = nchw_layout.convert(values, layout)
+    assert not torch.equal(there, values) and torch.equal(layout.convert(there, nchw_layout), values)

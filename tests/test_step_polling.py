@@ -50,15 +50,17 @@ def test_a_nan_found_at_the_next_poll_names_its_step_and_never_reaches_a_checkpo
     assert trainer.prog.global_step == 6
 
 
-def test_speed_settings_keep_the_run_id_and_only_compile_makes_another_experiment():
+def test_speed_settings_keep_the_run_id_and_only_compile_and_channels_last_make_another_experiment():
     from asbatch.analysis.configs import experiment_config, flatten_config
 
     def experiment(c: RunConfig) -> dict:
         return experiment_config(flatten_config(c.to_dict()))
 
-    a, b, c = config(), config(speed={"poll_every": 7}), config(speed={"compile": True})
-    assert a.run_id == b.run_id == c.run_id
-    assert experiment(a) == experiment(b) != experiment(c)  # compiled kernels round differently: never pooled
+    a, b, c, d = (config(), config(speed={"poll_every": 7}), config(speed={"compile": True}),
+                  config(speed={"channels_last": True}))
+    assert a.run_id == b.run_id == c.run_id == d.run_id
+    # compiled and channels_last kernels round differently: never pooled with the others
+    assert experiment(a) == experiment(b) != experiment(c) != experiment(d) != experiment(a)
 
 
 def test_a_compiled_run_compiles_each_kind_of_pass_once_and_learns_as_the_eager_one(tmp_path):
@@ -206,3 +208,51 @@ def test_resuming_from_a_module_order_flat_checkpoint_reorders_its_optimizer_sta
     assert restored.keys() == current["state"].keys() == {0, 1}
     for index, state in current["state"].items():
         assert all(torch.equal(restored[index][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("bayesian", [True, False])
+def test_a_run_resumed_with_the_other_channels_last_setting_converts_its_optimizer_state(tmp_path, bayesian):
+    """`speed.channels_last` is not part of the run id, so a run may continue with the other setting: the flat
+    moments are re-laid out (each layer's numbers kept), a deterministic conv's moments take its weight's
+    strides, and the run trains on and records what it ran with."""
+    from asbatch.models import build_model
+    from asbatch.train import train
+
+    def cfg(nhwc: bool) -> RunConfig:
+        return config(model={"name": "resnet20", "width": 2, "init_sigma": 0.01, "bayesian": bayesian},
+                      data={"name": "digits", "batch_size": 32, "test_batch_size": 360, "train_subset": 64},
+                      adversarial={"lam": 0.8 if bayesian else 0.0, "steps": 2}, speed={"channels_last": nhwc})
+
+    first = Trainer(cfg(False), RunDir(tmp_path / "r"))
+    first.run_epoch(None, None)
+    first.finish_epoch()
+
+    def per_layer_moments(trainer: Trainer) -> list[torch.Tensor]:
+        posterior = flat_posterior(trainer.inner)
+        moments = []
+        for param in trainer.inner.parameters():
+            for value in trainer.optimizer.state[param].values():
+                if value.dim() > 0:
+                    flat = posterior is not None and value.dim() == 1 and len(value) == posterior.numel
+                    moments += posterior.split(value) if flat else [value]
+        return moments
+
+    second = Trainer(cfg(True), RunDir(tmp_path / "r"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.resume()
+    assert any("speed.channels_last=false" in str(w.message) for w in caught) == bayesian
+    assert all(torch.equal(a, b) for a, b in zip(first.inner.state_dict().values(),
+                                                 second.inner.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(per_layer_moments(first), per_layer_moments(second), strict=True))
+    for param in second.inner.parameters():  # fused Adam: moments laid out as their parameter
+        assert all(v.stride() == param.stride() for v in second.optimizer.state[param].values() if v.dim() > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(cfg(True), tmp_path / "r")
+    assert result["train"]["channels_last"] is True and result["train"]["global_steps"] == 4
+    # its model.pt loads into a model built the usual way (NCHW), weights equal
+    saved = torch.load(RunDir(tmp_path / "r").model_file, weights_only=True)
+    fresh = build_model("resnet20", 10, in_channels=1, bayesian=bayesian, width=2)
+    fresh.load_state_dict(saved)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())

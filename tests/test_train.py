@@ -136,6 +136,23 @@ def test_should_stop_saves_a_checkpoint_at_that_step_and_a_rerun_finishes_identi
     assert resumed["evaluation"] == reference["evaluation"]
 
 
+def test_a_channels_last_run_stopped_mid_epoch_resumes_bitwise_identical(tmp_path):
+    """speed.channels_last: the flat buffers' NHWC layout and its optimizer moments checkpoint and resume exactly."""
+    from asbatch.train import TrainingInterrupted
+
+    cfg = digits_config(model={"name": "resnet20", "width": 2, "init_sigma": 0.01}, adversarial__lam=0.8,
+                        data={"name": "digits", "batch_size": 32, "test_batch_size": 360, "train_subset": 128},
+                        schedule={"name": "cosine", "epochs": 2}, speed={"channels_last": True})
+    reference = train(cfg, tmp_path / "ref")
+    calls = []
+    with pytest.raises(TrainingInterrupted, match="global step 5"):  # mid epoch 2 (4 steps an epoch)
+        train(cfg, tmp_path / "stopped", should_stop=lambda: calls.append(1) or len(calls) >= 6)
+    resumed = train(cfg, tmp_path / "stopped")
+    assert resumed["evaluation"] == reference["evaluation"] and resumed["train"]["channels_last"] is True
+    weights = [torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("ref", "stopped")]
+    assert all(torch.equal(weights[0][k], v) for k, v in weights[1].items())
+
+
 @pytest.mark.parametrize("other", [{"model": {"name": "mlp", "init_sigma": 0.01, "width": 16}},
                                    {"optim": {"name": "sgd", "lr": 0.003}}])
 def test_a_checkpoint_from_another_config_is_refused_naming_it(tmp_path, other):

@@ -38,8 +38,8 @@ class FlatPosterior:
     """The flat posterior of `model`: mu and log sigma of all its Bayesian weights as two flat Parameters
     (registered on the model), eps as one flat tensor.
 
-    `weights` lists (module, name, GaussianWeight) in module order (the order of `bayesian_weights`); layer i
-    owns elements offsets[i] : offsets[i] + sizes[i] of every flat tensor.
+    `weights` lists (module, name, GaussianWeight) in module order (the order of `bayesian_weights`); `layout`
+    (a FlatLayout) says which elements of every flat tensor are layer i's, in which order.
     """
 
     def __init__(self, model: nn.Module, weights: list[tuple[nn.Module, str, GaussianWeight]]):
@@ -53,7 +53,6 @@ class FlatPosterior:
         model.register_parameter(MU, nn.Parameter(self.layout.flatten([t.detach() for t in mus])))
         model.register_parameter(LOG_SIGMA, nn.Parameter(self.layout.flatten([t.detach() for t in log_sigmas])))
         self.model = model
-        self.shapes, self.sizes, self.offsets = self.layout.shapes, self.layout.sizes, self.layout.offsets
         priors = {g.prior_sigma for _, _, g in weights}
         self.prior_sigma = priors.pop() if len(priors) == 1 else None  # None: per-layer priors, per-layer KL
         self.weights = list(weights)
@@ -103,12 +102,28 @@ class FlatPosterior:
     def numel(self) -> int:
         return self.mu.numel()
 
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return self.layout.shapes
+
+    def relayout(self, layout: FlatLayout) -> None:
+        """Lay mu and log sigma out by `layout` (the same layers; every weight keeps its values). Before the
+        optimizer sees them: their gradients and a held eps are dropped."""
+        if layout.shapes != self.layout.shapes:
+            raise ValueError("a new flat layout must hold the same layers")
+        with torch.no_grad():
+            for param in (self.mu, self.log_sigma):
+                param.copy_(layout.convert(param, self.layout))  # convert's cat is a new tensor: no aliasing
+                param.grad = None
+        self.layout = layout
+        self._eps_flat = self._eps_list = None
+
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer views of a flat tensor laid out as mu."""
         return self.layout.split(flat)
 
     def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
-        return flat.narrow(0, self.offsets[index], self.sizes[index]).view(self.shapes[index])
+        return self.layout.layer(flat, index)
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """One flat tensor from per-layer tensors (one cat; gradients flow back to them)."""
@@ -227,10 +242,16 @@ class FlatLayout:
     """Where each layer's elements sit in a flat tensor: layers that autocast casts (`cast`: conv, linear) come
     first, the others (BatchNorm's affine weights, kept in fp32 under autocast) after them, each group in module
     order. So a pass under autocast casts all its cast weights in one op (`split_casting`) instead of one per
-    layer, and their gradients come back in one cat and one cast."""
+    layer, and their gradients come back in one cat and one cast.
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], cast: Sequence[bool]):
-        self.shapes = list(shapes)
+    With `channels_last`, a 4-D (conv) weight's elements are in (out, kernel height, kernel width, in) order, so
+    its view has torch.channels_last strides and a channels_last conv uses it without a copy (forward and
+    backward); without it, every layer's elements are in its own (contiguous) order."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], cast: Sequence[bool], channels_last: bool = False):
+        self.shapes, self.cast = list(shapes), list(cast)
+        self.channels_last = channels_last
+        self.nhwc = [channels_last and len(s) == 4 for s in self.shapes]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.order = [i for i, c in enumerate(cast) if c] + [i for i, c in enumerate(cast) if not c]
         self.flat_sizes = [self.sizes[i] for i in self.order]  # in flat order
@@ -243,13 +264,36 @@ class FlatLayout:
         self.n_cast = sum(self.sizes[i] for i in self.order[:self.cast_layers])  # elements of the cast layers
         self.numel = position
 
+    @classmethod
+    def module_order(cls, shapes: Sequence[tuple[int, ...]]) -> FlatLayout:
+        """Every layer in module order, contiguous (the flat layout before the cast layers came first)."""
+        return cls(shapes, [False] * len(shapes))
+
+    def with_channels_last(self, channels_last: bool) -> FlatLayout:
+        return FlatLayout(self.shapes, self.cast, channels_last)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlatLayout) and (self.shapes, self.order, self.nhwc) == (
+            other.shapes, other.order, other.nhwc)
+
+    __hash__ = None  # compared, never used as a key
+
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """One flat tensor from per-layer tensors (one cat; gradients flow back to them)."""
-        return torch.cat([tensors[i].reshape(-1) for i in self.order])
+        return torch.cat([tensors[i].permute(0, 2, 3, 1).reshape(-1) if self.nhwc[i] else tensors[i].reshape(-1)
+                          for i in self.order])
+
+    def convert(self, flat: torch.Tensor, source: FlatLayout) -> torch.Tensor:
+        """`flat`, laid out by `source` (the same layers), in this layout."""
+        return self.flatten(source.split(flat))
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer views of a flat tensor (one op-free split, then reshapes), in layer order."""
         return self._in_layer_order(flat.split(self.flat_sizes))
+
+    def layer(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Layer `index`'s view of a flat tensor."""
+        return self._shaped(flat.narrow(0, self.offsets[index], self.sizes[index]), index)
 
     def split_casting(self, flat: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """As `split`, with the cast layers' views in `dtype`: one cast for all of them (their backward: one cat
@@ -260,7 +304,14 @@ class FlatLayout:
 
     def _in_layer_order(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Flat-order parts as per-layer views, in layer order."""
-        return [parts[self.slot[i]].view(shape) for i, shape in enumerate(self.shapes)]
+        return [self._shaped(parts[self.slot[i]], i) for i in range(len(self.shapes))]
+
+    def _shaped(self, part: torch.Tensor, index: int) -> torch.Tensor:
+        """Layer `index`'s 1-D part of a flat tensor as a view of the layer's shape."""
+        if self.nhwc[index]:
+            out, channels, height, width = self.shapes[index]
+            return part.view(out, height, width, channels).permute(0, 3, 1, 2)
+        return part.view(self.shapes[index])
 
 
 def _autocast_dtype(w: torch.Tensor) -> torch.dtype | None:

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from asbatch.bayes import make_bayesian
+from asbatch.bayes import flat_posterior, make_bayesian
 from asbatch.models.batchnorm import count_batches_together
 from asbatch.models.mlp import mlp
 from asbatch.models.resnet import cifar_resnet
@@ -35,12 +35,14 @@ def build_model(
     init_log_sigma: float | None = None,
     mu_init: str = "model",
     bn_weight_init: str = "ones",
+    channels_last: bool = False,
 ) -> nn.Module:
     """Build a model by name; `bayesian=True` makes every conv / linear / BN affine weight Gaussian.
 
     `width` scales the channel counts (ResNet: first stage width, default 16; VGG: first block, default 64;
     MLP: hidden units, default 128), for small CPU demos. Any input size works: the heads pool adaptively.
-    `init_log_sigma` (overrides `init_sigma`), `mu_init` and `bn_weight_init`: see `reinitialise`.
+    `init_log_sigma` (overrides `init_sigma`), `mu_init` and `bn_weight_init`: see `reinitialise`;
+    `channels_last`: see `to_channels_last`.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -50,7 +52,20 @@ def build_model(
     model = count_batches_together(reinitialise(MODELS[name](**kwargs), mu_init, bn_weight_init))
     if bayesian:
         make_bayesian(model, init_sigma=init_sigma, prior_sigma=prior_sigma, init_log_sigma=init_log_sigma)
-    return model
+    return to_channels_last(model) if channels_last else model
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """The model with every conv weight in channels_last (NHWC) memory order, in place: a Bayesian model's
+    flat posterior re-laid out (each conv weight's view then has channels_last strides, so w = mu + sigma * eps
+    stays a few flat ops), a deterministic model's 4-D parameters and buffers converted. A conv with a
+    channels_last weight gives channels_last activations, and so do the layers after it; on a GPU under bf16 /
+    fp16 that is the order its tensor cores read without transposes. Values are unchanged; kernels (so
+    rounding) and which eps element goes to which weight are not."""
+    posterior = flat_posterior(model)
+    if posterior is not None and not posterior.layout.channels_last:
+        posterior.relayout(posterior.layout.with_channels_last(True))
+    return model.to(memory_format=torch.channels_last)
 
 
 MU_INITS: tuple[str, ...] = ("model", "uniform_fan_in")
@@ -81,4 +96,5 @@ def reinitialise(model: nn.Module, mu_init: str = "model", bn_weight_init: str =
     return model
 
 
-__all__ = ["BN_WEIGHT_INITS", "MODELS", "MU_INITS", "build_model", "cifar_resnet", "mlp", "reinitialise", "vgg"]
+__all__ = ["BN_WEIGHT_INITS", "MODELS", "MU_INITS", "build_model", "cifar_resnet", "mlp", "reinitialise",
+           "to_channels_last", "vgg"]

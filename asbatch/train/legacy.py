@@ -1,9 +1,11 @@
 """Checkpoints of older layouts of the Bayesian weights: convert their optimizer state on resume.
 
-Two older layouts:
+Older and other layouts:
   - per layer (before the flat posterior), described below;
   - flat in module order (before `FLAT_LAYOUT` 2, which puts the conv and linear weights first, see
-    asbatch.bayes.flat.FlatLayout): the flat moments are the same numbers in another order.
+    asbatch.bayes.flat.FlatLayout): the flat moments are the same numbers in another order;
+  - flat with the other memory order of the conv weights (`speed.channels_last` changed between two segments
+    of a run; checkpoints record it as `flat_channels_last`): again the same numbers in another order.
 
 Until the flat posterior (asbatch.bayes.flat), every Bayesian weight had its own mu and log sigma Parameters,
 so the optimizer's state held one entry per layer and per kind, in `model.parameters()` order: each layer's
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from asbatch.bayes import flat_posterior
-from asbatch.bayes.flat import LOG_SIGMA, MU, FlatPosterior
+from asbatch.bayes.flat import LOG_SIGMA, MU, FlatLayout, FlatPosterior
 
 # the flat layout a checkpoint's optimizer state is in (`shared["flat_layout"]`); absent: module order
 FLAT_LAYOUT = 2
@@ -96,29 +98,67 @@ def _concatenate(states: list[dict[str, Any] | None], posterior: FlatPosterior) 
     return merged
 
 
-def is_module_order(model: nn.Module, shared: dict[str, Any]) -> bool:
-    """Was this flat optimizer state written in module order (before FLAT_LAYOUT 2)?"""
-    return flat_posterior(model) is not None and shared.get("flat_layout") != FLAT_LAYOUT
+def other_saved_layout(model: nn.Module, shared: dict[str, Any]) -> FlatLayout | None:
+    """The flat layout a checkpoint's flat optimizer state is in, where it is not the model's (None: the same,
+    or a deterministic model)."""
+    posterior = flat_posterior(model)
+    if posterior is None:
+        return None
+    if shared.get("flat_layout") != FLAT_LAYOUT:
+        saved = FlatLayout.module_order(posterior.shapes)
+    else:
+        saved = posterior.layout.with_channels_last(bool(shared.get("flat_channels_last", False)))
+    return None if saved == posterior.layout else saved
 
 
-def reorder_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                            state: dict[str, Any]) -> dict[str, Any]:
-    """A module-order flat optimizer state dict in the current flat layout (the flat Parameters' moments
-    permuted; everything else as it was)."""
+def layout_record(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records of the model's flat layout (read back by `other_saved_layout`)."""
+    posterior = flat_posterior(model)
+    channels_last = posterior is not None and posterior.layout.channels_last
+    return {"flat_layout": FLAT_LAYOUT, "flat_channels_last": channels_last}
+
+
+def relayout_warning(model: nn.Module, shared: dict[str, Any]) -> str:
+    """Why a checkpoint's optimizer state was converted to the model's layout, for the user."""
+    current = flat_posterior(model).layout
+    saved = other_saved_layout(model, shared)
+    if shared.get("flat_layout") != FLAT_LAYOUT:
+        return ("this checkpoint was written before the grouped flat layout (conv and linear weights first): its "
+                "optimizer state was reordered; the run goes on with the new AS noise stream, so it is no longer "
+                "bitwise equal to an uninterrupted run of the older code")
+    return (f"this checkpoint was written with speed.channels_last={str(saved.channels_last).lower()}, the run now "
+            f"has {str(current.channels_last).lower()}: its optimizer state was converted to the new memory order; "
+            "from here the run has the other kernels' rounding and AS noise order, so it is no longer bitwise "
+            "equal to an uninterrupted run with either setting")
+
+
+def relayout_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                             saved: FlatLayout) -> dict[str, Any]:
+    """A flat optimizer state dict laid out by `saved`, in the model's flat layout (the flat Parameters'
+    moments permuted; everything else as it was)."""
     posterior = flat_posterior(model)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     flat = {i for i, p in enumerate(params) if p is posterior.mu or p is posterior.log_sigma}
-    reordered = {}
+    converted = {}
     for index, entry in state["state"].items():
         if index in flat:
-            entry = {key: _to_layout(value, posterior) for key, value in entry.items()}
-        reordered[index] = entry
-    return {**state, "state": reordered}
+            entry = {key: _in_layout(value, posterior.layout, saved) for key, value in entry.items()}
+        converted[index] = entry
+    return {**state, "state": converted}
 
 
-def _to_layout(value: Any, posterior: FlatPosterior) -> Any:
-    """A module-order flat tensor in the posterior's layout (other values as they are)."""
-    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.numel() != posterior.numel:
+def _in_layout(value: Any, layout: FlatLayout, saved: FlatLayout) -> Any:
+    """A flat tensor laid out by `saved` in `layout` (other values, such as Adam's step, as they are)."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.numel() != layout.numel:
         return value
-    per_layer = [t.view(shape) for t, shape in zip(value.split(posterior.sizes), posterior.shapes, strict=True)]
-    return posterior.flatten(per_layer)
+    return layout.convert(value, saved)
+
+
+def match_param_strides(optimizer: torch.optim.Optimizer) -> None:
+    """Give every loaded per-parameter state tensor its parameter's strides (a deterministic conv's moments
+    saved in NCHW order, loaded for a channels_last weight): the fused kernels expect them alike."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in list(optimizer.state.get(param, {}).items()):
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)

@@ -167,7 +167,8 @@ def build(config: RunConfig, num_classes: int, in_channels: int, sweep_dir: Swee
     m = config.model
     model = build_model(m.name, num_classes, in_channels=in_channels, bayesian=m.bayesian, width=m.width,
                         init_sigma=m.init_sigma, prior_sigma=m.prior_sigma, init_log_sigma=m.init_log_sigma,
-                        mu_init=m.mu_init, bn_weight_init=m.bn_weight_init)
+                        mu_init=m.mu_init, bn_weight_init=m.bn_weight_init,
+                        channels_last=config.speed.channels_last)
     if m.init_from:
         path = init_weights_file(config, sweep_dir)
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -138,9 +138,10 @@ class Trainer:
         if acc.is_main_process:
             run_dir.write_config(config.to_dict())
         acc.wait_for_everyone()
+        nhwc = config.speed.channels_last
         self.train_loader = loader_for(config.data, "train", seed=config.seed, device=self.device,
-                                       rank=self.rank, world_size=self.world)
-        self.test_loader = loader_for(config.data, "test", seed=0, device=self.device)
+                                       rank=self.rank, world_size=self.world, channels_last=nhwc)
+        self.test_loader = loader_for(config.data, "test", seed=0, device=self.device, channels_last=nhwc)
         self.ood_loader = self._ood_loader()
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         torch.manual_seed(config.seed)  # same init on every rank
@@ -177,7 +178,8 @@ class Trainer:
             return None
         data = DataConfig(name=self.config.eval.ood, root=self.config.data.root,
                           test_batch_size=self.config.data.test_batch_size)
-        loader = loader_for(data, "test", seed=0, device=self.device if self.is_main else "cpu")
+        loader = loader_for(data, "test", seed=0, device=self.device if self.is_main else "cpu",
+                            channels_last=self.config.speed.channels_last)
         loader.mean, loader.std = self.test_loader.mean, self.test_loader.std  # normalised as the model's inputs
         return loader if self.is_main else None
 
@@ -212,12 +214,11 @@ class Trainer:
                           "converted; the run goes on with the new AS noise stream, so it is no longer bitwise "
                           "equal to an uninterrupted run of the older code", stacklevel=2)
             optimizer_state = legacy.convert_optimizer_state(self.inner, self.optimizer, optimizer_state)
-        elif legacy.is_module_order(self.inner, shared):
-            warnings.warn("this checkpoint was written before the grouped flat layout (conv and linear weights "
-                          "first): its optimizer state was reordered; the run goes on with the new AS noise stream, "
-                          "so it is no longer bitwise equal to an uninterrupted run of the older code", stacklevel=2)
-            optimizer_state = legacy.reorder_optimizer_state(self.inner, self.optimizer, optimizer_state)
+        elif (saved := legacy.other_saved_layout(self.inner, shared)) is not None:
+            warnings.warn(legacy.relayout_warning(self.inner, shared), stacklevel=2)
+            optimizer_state = legacy.relayout_optimizer_state(self.inner, self.optimizer, optimizer_state, saved)
         self.optimizer.load_state_dict(optimizer_state)
+        legacy.match_param_strides(self.optimizer)
         self.scheduler.load_state_dict(shared["scheduler"])
         if self.scaler is not None and shared.get("scaler"):
             self.scaler.load_state_dict(shared["scaler"])
@@ -237,7 +238,7 @@ class Trainer:
             shared = {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict(), "progress": asdict(self.prog),
                       "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                      "flat_layout": legacy.FLAT_LAYOUT}
+                      **legacy.layout_record(self.inner)}
         rank_state = rng_state(self.eps_gen)
         if self.memory is not None:
             rank_state["ascent_memory"] = self.memory.state_dict()
@@ -438,7 +439,7 @@ class Trainer:
             "train": {"epochs": prog.epoch, "global_steps": prog.global_step, "best_test_acc": prog.best_test_acc,
                       "kl_weight": self.kl_weight, "world_size": self.world, "ranks_in_sync": in_sync,
                       "precision": self.precision_ran, "device": self.device.type,
-                      "compiled": self.config.speed.compile,
+                      "compiled": self.config.speed.compile, "channels_last": self.config.speed.channels_last,
                       "skipped_steps": prog.skipped_steps},
             # timing differs between an interrupted and an uninterrupted run; everything else must not
             "timing": {"train_time_s": prog.train_time_s, "wall_time_s_this_segment": time.time() - wall_start},
