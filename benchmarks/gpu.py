@@ -180,7 +180,7 @@ def run(quick: bool = False) -> list[Row]:
     if not torch.cuda.is_available():
         return [skipped(f"G{i}. {name}", "-", "no CUDA device visible") for i, name in
                 enumerate(("AS steps under DDP", "resume on the GPU", "AS / plain step", "S-sample evaluation",
-                           "AS training images/s, eager and compiled"), 1)]
+                           "AS training images/s, eager, compiled and channels_last"), 1)]
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     _one_rank_group()
     steps = 5 if quick else 20

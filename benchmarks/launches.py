@@ -32,13 +32,13 @@ def _config(kind: str, precision: str, batch: int = BATCH, variant: str = "paper
     from asbatch.config import RunConfig
 
     lam = {"as": 0.8, "plain": 0.0, "deterministic": 0.0}[kind]
+    speed = {"speed": {"channels_last": True}} if channels_last else {}  # so that older trees run this file too
     return RunConfig.model_validate({
         "sweep": "bench", "cpu": True, "precision": precision, "checkpoint_every": 10**9,
         "data": {"name": "digits", "batch_size": batch, "train_subset": batch * STEPS, "test_subset": 64},
         "model": {"name": "resnet20", "width": width, "bayesian": kind != "deterministic"},
         "schedule": {"name": "cosine", "epochs": 3},
-        "adversarial": {"lam": lam, "steps": 5, "alpha": 0.02, "variant": variant},
-        "speed": {"channels_last": channels_last}})
+        "adversarial": {"lam": lam, "steps": 5, "alpha": 0.02, "variant": variant}, **speed})
 
 
 def _trainer(config, root: Path):
