@@ -222,7 +222,7 @@ def test_under_autocast_a_pass_casts_every_conv_and_linear_weight_in_one_op_with
 def test_channels_last_lays_each_conv_weight_out_nhwc_in_the_flat_buffers_and_changes_no_value():
     """`to_channels_last`: every conv weight's view (mu, log sigma, eps, w of a pass, also cast under autocast)
     has channels_last strides and still aliases the flat buffers; values, state_dict and the per-layer eps API
-    are unchanged; a forward agrees with the NCHW model's to rounding, at the same op count (no copies)."""
+    are unchanged; a forward agrees with the NCHW model's to rounding, and the weights cost it no copy."""
     from asbatch.models import to_channels_last
 
     nchw = conv_net(2)
