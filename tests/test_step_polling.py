@@ -212,9 +212,9 @@ def test_resuming_from_a_module_order_flat_checkpoint_reorders_its_optimizer_sta
 
 @pytest.mark.parametrize("bayesian", [True, False])
 def test_a_run_resumed_with_the_other_channels_last_setting_converts_its_optimizer_state(tmp_path, bayesian):
-    """`speed.channels_last` is not part of the run id, so a run may continue with the other setting: the flat
-    moments are re-laid out (each layer's numbers kept), a deterministic conv's moments take its weight's
-    strides, and the run trains on and records what it ran with."""
+    """`speed.channels_last` is not part of the run id, so a run may continue with the other setting: with a
+    warning, the flat moments are re-laid out (each layer's numbers kept), a deterministic conv's moments take
+    its weight's strides, and the run trains on and records what it ran with."""
     from asbatch.models import build_model
     from asbatch.train import train
 
@@ -241,7 +241,7 @@ def test_a_run_resumed_with_the_other_channels_last_setting_converts_its_optimiz
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         second.resume()
-    assert any("speed.channels_last=false" in str(w.message) for w in caught) == bayesian
+    assert [str(w.message) for w in caught if "speed.channels_last false -> true" in str(w.message)], caught
     assert all(torch.equal(a, b) for a, b in zip(first.inner.state_dict().values(),
                                                  second.inner.state_dict().values(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(per_layer_moments(first), per_layer_moments(second), strict=True))
@@ -256,3 +256,15 @@ def test_a_run_resumed_with_the_other_channels_last_setting_converts_its_optimiz
     fresh = build_model("resnet20", 10, in_channels=1, bayesian=bayesian, width=2)
     fresh.load_state_dict(saved)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_resuming_with_another_numbers_changing_speed_setting_warns_naming_it():
+    """compile and channels_last change a run's numbers but not its id: a checkpoint records them, and a resume
+    with another value says which (a change of poll_every, which changes no number, says nothing)."""
+    written = {"speed_numerics": {"compile": False, "channels_last": True}}
+    (why,) = legacy.speed_changes(config(speed={"compile": True, "channels_last": True}), written)
+    assert "speed.compile false -> true" in why and "channels_last" not in why.split(":")[0]
+    assert legacy.speed_changes(config(speed={"channels_last": True, "poll_every": 3}), written) == []
+    assert legacy.speed_changes(config(speed={"compile": True}), {}) == []  # a checkpoint of older code
+    assert legacy.speed_record(config(speed={"compile": True})) == {
+        "speed_numerics": {"compile": True, "channels_last": False}}

@@ -6,6 +6,8 @@ Older and other layouts:
     asbatch.bayes.flat.FlatLayout): the flat moments are the same numbers in another order;
   - flat with the other memory order of the conv weights (`speed.channels_last` changed between two segments
     of a run; checkpoints record it as `flat_channels_last`): again the same numbers in another order.
+A change of a speed setting that changes numbers (`NUMBERS_CHANGING`) between two segments is converted where
+it needs to be and reported (`speed_changes`), for every model.
 
 Until the flat posterior (asbatch.bayes.flat), every Bayesian weight had its own mu and log sigma Parameters,
 so the optimizer's state held one entry per layer and per kind, in `model.parameters()` order: each layer's
@@ -24,9 +26,12 @@ from torch import nn
 
 from asbatch.bayes import flat_posterior
 from asbatch.bayes.flat import LOG_SIGMA, MU, FlatLayout, FlatPosterior
+from asbatch.config import RunConfig
 
 # the flat layout a checkpoint's optimizer state is in (`shared["flat_layout"]`); absent: module order
 FLAT_LAYOUT = 2
+# the speed settings that change a run's numbers (other kernels), recorded in every checkpoint
+NUMBERS_CHANGING = ("compile", "channels_last")
 
 
 def _legacy_order(model: nn.Module) -> list[tuple[str, int] | nn.Parameter]:
@@ -118,18 +123,50 @@ def layout_record(model: nn.Module) -> dict[str, Any]:
     return {"flat_layout": FLAT_LAYOUT, "flat_channels_last": channels_last}
 
 
-def relayout_warning(model: nn.Module, shared: dict[str, Any]) -> str:
-    """Why a checkpoint's optimizer state was converted to the model's layout, for the user."""
-    current = flat_posterior(model).layout
+PER_LAYER_WARNING = ("this checkpoint was written before the flat posterior (per-layer optimizer state): converted; "
+                     "the run goes on with the new AS noise stream, so it is no longer bitwise equal to an "
+                     "uninterrupted run of the older code")
+MODULE_ORDER_WARNING = ("this checkpoint was written before the grouped flat layout (conv and linear weights first): "
+                        "its optimizer state was reordered; the run goes on with the new AS noise stream, so it is "
+                        "no longer bitwise equal to an uninterrupted run of the older code")
+
+
+def optimizer_state_for(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        shared: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A checkpoint's optimizer state dict in the model's flat layout, and what to tell the user about it (a
+    change of `speed.channels_last` alone is told by `speed_changes`, for every model)."""
+    state = shared["optimizer"]
+    if is_legacy(model, state):
+        return convert_optimizer_state(model, optimizer, state), [PER_LAYER_WARNING]
     saved = other_saved_layout(model, shared)
-    if shared.get("flat_layout") != FLAT_LAYOUT:
-        return ("this checkpoint was written before the grouped flat layout (conv and linear weights first): its "
-                "optimizer state was reordered; the run goes on with the new AS noise stream, so it is no longer "
-                "bitwise equal to an uninterrupted run of the older code")
-    return (f"this checkpoint was written with speed.channels_last={str(saved.channels_last).lower()}, the run now "
-            f"has {str(current.channels_last).lower()}: its optimizer state was converted to the new memory order; "
-            "from here the run has the other kernels' rounding and AS noise order, so it is no longer bitwise "
-            "equal to an uninterrupted run with either setting")
+    if saved is None:
+        return state, []
+    notes = [MODULE_ORDER_WARNING] if shared.get("flat_layout") != FLAT_LAYOUT else []
+    return relayout_optimizer_state(model, optimizer, state, saved), notes
+
+
+def speed_record(config: RunConfig) -> dict[str, Any]:
+    """What a checkpoint records of the speed settings that change numbers (read by `speed_changes`)."""
+    return {"speed_numerics": {name: getattr(config.speed, name) for name in NUMBERS_CHANGING}}
+
+
+def speed_changes(config: RunConfig, shared: dict[str, Any]) -> list[str]:
+    """A warning when the run resumes with another value of a speed setting that changes numbers: not part of
+    the run id, so the run goes on, but it is no longer bitwise equal to an uninterrupted run with either
+    value (none: the same values, or a checkpoint that does not record them)."""
+    saved = shared.get("speed_numerics") or {}
+    changed = [f"speed.{name} {_word(saved[name])} -> {_word(getattr(config.speed, name))}"
+               for name in NUMBERS_CHANGING if name in saved and saved[name] != getattr(config.speed, name)]
+    if not changed:
+        return []
+    return [f"this run resumes with other speed settings than its checkpoint was written with ({', '.join(changed)}): "
+            "it goes on with other kernels (with channels_last: its optimizer state converted to the new memory "
+            "order, its AS noise on other weights), so it is no longer bitwise equal to an uninterrupted run with "
+            "either setting; its results record the new one"]
+
+
+def _word(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def relayout_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],

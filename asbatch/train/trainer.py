@@ -208,15 +208,9 @@ class Trainer:
 
     def _load_states(self, shared: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
         self.inner.load_state_dict(shared["model"])
-        optimizer_state = shared["optimizer"]
-        if legacy.is_legacy(self.inner, optimizer_state):
-            warnings.warn("this checkpoint was written before the flat posterior (per-layer optimizer state): "
-                          "converted; the run goes on with the new AS noise stream, so it is no longer bitwise "
-                          "equal to an uninterrupted run of the older code", stacklevel=2)
-            optimizer_state = legacy.convert_optimizer_state(self.inner, self.optimizer, optimizer_state)
-        elif (saved := legacy.other_saved_layout(self.inner, shared)) is not None:
-            warnings.warn(legacy.relayout_warning(self.inner, shared), stacklevel=2)
-            optimizer_state = legacy.relayout_optimizer_state(self.inner, self.optimizer, optimizer_state, saved)
+        optimizer_state, notes = legacy.optimizer_state_for(self.inner, self.optimizer, shared)
+        for why in [*notes, *legacy.speed_changes(self.config, shared)]:
+            warnings.warn(why, stacklevel=2)
         self.optimizer.load_state_dict(optimizer_state)
         legacy.match_param_strides(self.optimizer)
         self.scheduler.load_state_dict(shared["scheduler"])
@@ -238,7 +232,7 @@ class Trainer:
             shared = {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict(), "progress": asdict(self.prog),
                       "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                      **legacy.layout_record(self.inner)}
+                      **legacy.layout_record(self.inner), **legacy.speed_record(self.config)}
         rank_state = rng_state(self.eps_gen)
         if self.memory is not None:
             rank_state["ascent_memory"] = self.memory.state_dict()
