@@ -271,3 +271,13 @@ def test_channels_last_lays_each_conv_weight_out_nhwc_in_the_flat_buffers_and_ch
     layout, nchw_layout = posterior.layout, posterior.layout.with_channels_last(False)
     there = nchw_layout.convert(values, layout)
     assert not torch.equal(there, values) and torch.equal(layout.convert(there, nchw_layout), values)
+
+
+def test_a_bayesian_model_on_a_device_without_autocast_runs_its_passes():
+    """The meta device (shapes without memory, e.g. to size a model) has no autocast: a pass there asks autocast
+    nothing and gives the right shapes, an AS step included."""
+    net = conv_net(1).to("meta")
+    x, y = (t.to("meta") for t in batch())
+    assert net(x).shape == (8, 3) and net(x).device.type == "meta"
+    out = as_step(net, x, y, lam=0.8, steps=2, alpha=0.02, kl_weight=1e-3)
+    assert out.total.device.type == "meta" and flat_posterior(net).mu.grad.shape == flat_posterior(net).mu.shape

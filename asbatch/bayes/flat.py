@@ -315,9 +315,10 @@ class FlatLayout:
 
 
 def _autocast_dtype(w: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would cast fp32 weight `w` to in a conv or linear now, or None (autocast off)."""
+    """The dtype autocast would cast fp32 weight `w` to in a conv or linear now, or None (autocast off, or a
+    device without autocast, such as meta)."""
     device = w.device.type
-    if w.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+    if w.dtype != torch.float32 or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
 
