@@ -266,5 +266,5 @@ def test_resuming_with_another_numbers_changing_speed_setting_warns_naming_it():
     assert "speed.compile false -> true" in why and "channels_last" not in why.split(":")[0]
     assert legacy.speed_changes(config(speed={"channels_last": True, "poll_every": 3}), written) == []
     assert legacy.speed_changes(config(speed={"compile": True}), {}) == []  # a checkpoint of older code
-    assert legacy.speed_record(config(speed={"compile": True})) == {
-        "speed_numerics": {"compile": True, "channels_last": False}}
+    assert legacy.checkpoint_record(config(speed={"compile": True})) == {
+        "flat_layout": legacy.FLAT_LAYOUT, "speed_numerics": {"compile": True, "channels_last": False}}

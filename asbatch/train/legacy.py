@@ -5,7 +5,7 @@ Older and other layouts:
   - flat in module order (before `FLAT_LAYOUT` 2, which puts the conv and linear weights first, see
     asbatch.bayes.flat.FlatLayout): the flat moments are the same numbers in another order;
   - flat with the other memory order of the conv weights (`speed.channels_last` changed between two segments
-    of a run; checkpoints record it as `flat_channels_last`): again the same numbers in another order.
+    of a run; checkpoints record it in `speed_numerics`): again the same numbers in another order.
 A change of a speed setting that changes numbers (`NUMBERS_CHANGING`) between two segments is converted where
 it needs to be and reported (`speed_changes`), for every model.
 
@@ -112,15 +112,20 @@ def other_saved_layout(model: nn.Module, shared: dict[str, Any]) -> FlatLayout |
     if shared.get("flat_layout") != FLAT_LAYOUT:
         saved = FlatLayout.module_order(posterior.shapes)
     else:
-        saved = posterior.layout.with_channels_last(bool(shared.get("flat_channels_last", False)))
+        saved = posterior.layout.with_channels_last(bool(_saved_speed(shared).get("channels_last", False)))
     return None if saved == posterior.layout else saved
 
 
-def layout_record(model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint records of the model's flat layout (read back by `other_saved_layout`)."""
-    posterior = flat_posterior(model)
-    channels_last = posterior is not None and posterior.layout.channels_last
-    return {"flat_layout": FLAT_LAYOUT, "flat_channels_last": channels_last}
+def checkpoint_record(config: RunConfig) -> dict[str, Any]:
+    """What a checkpoint records of how its numbers were laid out and made: the flat layout's version and the
+    speed settings that change numbers (channels_last also sets the conv weights' order in the flat layout);
+    read back by `other_saved_layout` and `speed_changes`."""
+    return {"flat_layout": FLAT_LAYOUT,
+            "speed_numerics": {name: getattr(config.speed, name) for name in NUMBERS_CHANGING}}
+
+
+def _saved_speed(shared: dict[str, Any]) -> dict[str, Any]:
+    return shared.get("speed_numerics") or {}
 
 
 PER_LAYER_WARNING = ("this checkpoint was written before the flat posterior (per-layer optimizer state): converted; "
@@ -145,16 +150,11 @@ def optimizer_state_for(model: nn.Module, optimizer: torch.optim.Optimizer,
     return relayout_optimizer_state(model, optimizer, state, saved), notes
 
 
-def speed_record(config: RunConfig) -> dict[str, Any]:
-    """What a checkpoint records of the speed settings that change numbers (read by `speed_changes`)."""
-    return {"speed_numerics": {name: getattr(config.speed, name) for name in NUMBERS_CHANGING}}
-
-
 def speed_changes(config: RunConfig, shared: dict[str, Any]) -> list[str]:
     """A warning when the run resumes with another value of a speed setting that changes numbers: not part of
     the run id, so the run goes on, but it is no longer bitwise equal to an uninterrupted run with either
     value (none: the same values, or a checkpoint that does not record them)."""
-    saved = shared.get("speed_numerics") or {}
+    saved = _saved_speed(shared)
     changed = [f"speed.{name} {_word(saved[name])} -> {_word(getattr(config.speed, name))}"
                for name in NUMBERS_CHANGING if name in saved and saved[name] != getattr(config.speed, name)]
     if not changed:

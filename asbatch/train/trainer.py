@@ -232,7 +232,7 @@ class Trainer:
             shared = {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict(), "progress": asdict(self.prog),
                       "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                      **legacy.layout_record(self.inner), **legacy.speed_record(self.config)}
+                      **legacy.checkpoint_record(self.config)}
         rank_state = rng_state(self.eps_gen)
         if self.memory is not None:
             rank_state["ascent_memory"] = self.memory.state_dict()
